@@ -1,0 +1,1 @@
+"""Exporters (ONNX) and their torch-free runtimes; see the ONNX issue."""

@@ -1,0 +1,1 @@
+"""The built-in plugins: registered through the toolkit.plugins entry points, like any third party."""

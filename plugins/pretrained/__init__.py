@@ -1,0 +1,20 @@
+"""Checkpoints shipped inside the package, made by this project's own `toolkit train`."""
+
+from importlib import resources
+from pathlib import Path
+
+from toolkit.hookspecs import hookimpl
+
+
+def _shipped(name: str):
+    def factory() -> Path:
+        return Path(str(resources.files(__package__).joinpath(name)))
+
+    factory.__doc__ = f"The shipped {name!r} checkpoint directory."
+    return factory
+
+
+@hookimpl
+def register_pretrained(register):
+    # digits: class-conditional UNet on the 8×8 digits, cosine schedule; see its config.json.
+    register("digits", _shipped("digits"))

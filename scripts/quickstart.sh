@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# One command: set up .venv and sample 64 digits from the shipped model into samples.png.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EXTRAS="" . scripts/setup.sh
+toolkit compose --schedule cosine --sampler ddim --steps 50 -n 64 --class all --out samples.png "$@"

@@ -1,0 +1,35 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOOLKIT_STRICT_PLUGINS", "0")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def fresh_registry():
+    """Reload plugins before and after a test that adds fake ones."""
+    from toolkit import registry
+
+    registry.reset()
+    yield registry
+    registry._extra.clear()
+    registry.reset()
+
+
+TINY_UNET = {"base_channels": 8, "attention_heads": 2}
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """A class-conditional UNet trained 4 steps on digits: enough to test plumbing, not quality."""
+    from toolkit.training import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    train(TrainConfig(model_options=TINY_UNET, steps=4, batch_size=16, checkpoint_every=2, ema_decay=0.5), out)
+    return out

@@ -1,0 +1,138 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from toolkit.cli import cli
+
+TINY = ["--model-option", "base_channels=8", "--model-option", "attention_heads=2"]
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def one_line_error(result, pattern):
+    assert result.exit_code == 2, (result.output, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert pattern in lines[0], lines[0]
+
+
+def test_plugins_json():
+    r = run("plugins", "--json")
+    assert r.exit_code == 0
+    data = json.loads(r.output)
+    names = {e["name"]: e for e in data["plugins"]["sampler"]}
+    assert set(names) == {"ddim", "ddpm"} and names["ddim"]["dist"] == "diffusion-toolkit"
+    assert data["failed"] == []
+    assert "cosine" in run("plugins").output
+
+
+def test_train_compose_resume(tmp_path):
+    out = tmp_path / "ck"
+    r = run("train", "--dataset", "digits", *TINY, "--steps", 3, "--batch-size", 8, "--out", out,
+            "--checkpoint-every", 2)
+    assert r.exit_code == 0, r.output + r.stderr
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["training"]["step"] == 3 and cfg["data"]["num_classes"] == 10 and cfg["data"]["levels"] == 17
+    assert cfg["training"]["command"].startswith("toolkit train --dataset digits")
+    # resume continues to the new total
+    r = run("train", "--dataset", "digits", *TINY, "--steps", 5, "--batch-size", 8, "--out", out, "--resume")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads((out / "config.json").read_text())["training"]["step"] == 5
+    # an existing checkpoint is not overwritten by accident
+    one_line_error(run("train", *TINY, "--steps", 2, "--out", out), "already exists")
+    # resuming with another model is refused
+    one_line_error(run("train", "--model-option", "base_channels=16", "--steps", 9, "--out", out, "--resume"),
+                   "cannot resume")
+
+    png = tmp_path / "s.png"
+    r = run("compose", "--model", out, "--sampler", "ddim", "--steps", 5, "-n", 6, "--out", png, "--class", "1,2")
+    assert r.exit_code == 0, r.stderr
+    img = Image.open(png)
+    assert img.size[0] >= 8 * 3 * 8  # scaled up so 8×8 digits are visible
+    npy = tmp_path / "s.npy"
+    r = run("compose", "--model", out, "--sampler", "ddpm", "--schedule", "linear", "--steps", 7, "-n", 4,
+            "--out", npy)
+    assert r.exit_code == 0, r.stderr
+    arr = np.load(npy)
+    assert arr.shape == (4, 1, 8, 8) and arr.dtype == np.float32 and arr.min() >= -1 and arr.max() <= 1
+    r = run("compose", "--model", out, "--steps", 2, "--class", "all", "-n", 20, "--out", tmp_path / "all.npy")
+    assert r.exit_code == 0 and np.load(tmp_path / "all.npy").shape[0] == 20
+
+
+def test_same_seed_same_file(tmp_path, tiny_ckpt):
+    a, b = tmp_path / "a.npy", tmp_path / "b.npy"
+    for f in (a, b):
+        assert run("compose", "--model", tiny_ckpt, "--sampler", "ddim", "--eta", "1", "--steps", 4, "-n", 3,
+                   "--seed", 5, "--out", f).exit_code == 0
+    assert np.array_equal(np.load(a), np.load(b))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sampler", "nope"], "unknown sampler 'nope'; available: ddim, ddpm"),
+    (["--schedule", "nope"], "unknown schedule 'nope'; available: cosine, linear"),
+    (["--steps", "0"], "steps must be an integer in 1..1000"),
+    (["--steps", "1001"], "steps must be an integer in 1..1000"),
+    (["--eta", "1.5"], "eta must lie in [0, 1]"),
+    (["--class", "10"], "--class 10 is out of range: this model has classes 0..9"),
+    (["--class", "x"], "--class must be a label"),
+    (["--sampler", "ddpm", "--eta", "0.5"], "bad options ['eta']"),
+    (["--steps", "abc"], "'abc' is not a valid integer"),
+])
+def test_compose_bad_input(tmp_path, tiny_ckpt, args, message):
+    out = tmp_path / "x.png"
+    one_line_error(run("compose", "--model", tiny_ckpt, "-n", 2, "--out", out, *args), message)
+    assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_missing_and_corrupt_checkpoints(tmp_path, tiny_ckpt):
+    out = tmp_path / "x.png"
+    one_line_error(run("compose", "--model", tmp_path / "missing", "--out", out), "does not exist")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    one_line_error(run("compose", "--model", bad, "--out", out), "has no config.json")
+    (bad / "config.json").write_text("{not json")
+    one_line_error(run("compose", "--model", bad, "--out", out), "config.json is corrupt")
+    (bad / "config.json").write_text((tiny_ckpt / "config.json").read_text())
+    (bad / "model.safetensors").write_bytes(b"garbage" * 10)
+    one_line_error(run("compose", "--model", bad, "--out", out), "model.safetensors is corrupt")
+    assert not out.exists()
+
+
+def test_output_folder_must_exist(tmp_path, tiny_ckpt):
+    one_line_error(run("compose", "--model", tiny_ckpt, "--out", tmp_path / "no" / "x.png"), "does not exist")
+    one_line_error(run("compose", "--model", tiny_ckpt, "--out", tmp_path / "x.jpg"), "must end in .png or .npy")
+    one_line_error(run("train", "--steps", 1, "--out", tmp_path / "no" / "ck"), "does not exist")
+
+
+def test_model_shape_must_fit_data(tmp_path):
+    one_line_error(run("train", "--dataset", "moons", "--model", "unet", "--steps", 1, "--out", tmp_path / "m"),
+                   "unet needs image data")
+    one_line_error(run("train", "--dataset", "digits", "--model", "mlp", "--steps", 1, "--out", tmp_path / "m"),
+                   "mlp needs vector data")
+    one_line_error(run("train", "--dataset", "digits", "--model-option", "channel_mult=[1,2,2,2,2]", "--steps", 1,
+                       "--out", tmp_path / "m"), "divisible by 16")
+    assert not (tmp_path / "m").exists()
+
+
+def test_mlp_on_toy_data(tmp_path):
+    out = tmp_path / "toy"
+    assert run("train", "--dataset", "gaussians8", "--model", "mlp", "--steps", 3, "--out", out).exit_code == 0
+    r = run("compose", "--model", out, "--steps", 3, "-n", 5, "--class", 2, "--out", tmp_path / "p.npy")
+    assert r.exit_code == 0 and np.load(tmp_path / "p.npy").shape == (5, 2)
+    one_line_error(run("compose", "--model", out, "--out", tmp_path / "p.png"), "PNG grid needs image samples")
+
+
+def test_console_script_exit_status(tmp_path):
+    """The installed `toolkit` command: one line on stderr, exit status 2, no traceback."""
+    r = subprocess.run([sys.executable, "-m", "toolkit", "compose", "--sampler", "nope", "--out",
+                        str(tmp_path / "a.png")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["error: unknown sampler 'nope'; available: ddim, ddpm"]

@@ -1,0 +1,88 @@
+import math
+
+import pytest
+import torch
+
+import toolkit
+from toolkit import diffusion
+
+
+@pytest.fixture(params=["linear", "cosine"])
+def sched(request):
+    return toolkit.create("schedule", request.param, num_timesteps=200)
+
+
+def test_closed_form_matches_iterated_forward_process(sched):
+    """q(x_t|x_0) = N(√ᾱ x_0, (1-ᾱ) I) against x_t = √(1-β) x_{t-1} + √β ε iterated step by step."""
+    g = torch.Generator().manual_seed(1)
+    n = 400_000
+    x0 = torch.full((n,), 0.7, dtype=torch.float64)
+    x = x0.clone()
+    checkpoints = {0: None, 20: None, 120: None, 199: None}
+    for t in range(200):
+        beta = sched.betas[t]
+        x = (1 - beta).sqrt() * x + beta.sqrt() * torch.randn(n, generator=g, dtype=torch.float64)
+        if t in checkpoints:
+            checkpoints[t] = (x.mean().item(), x.var().item())
+    for t, (mean, var) in checkpoints.items():
+        tt = torch.tensor([t])
+        m, v = diffusion.q_mean_variance(sched, x0[:1].reshape(1, 1), tt)
+        assert mean == pytest.approx(m.item(), abs=1e-2)
+        assert var == pytest.approx(v.item(), abs=1e-2)
+        # q_sample gives the same moments
+        xs = diffusion.q_sample(sched, x0.reshape(-1, 1), tt.repeat(n), torch.randn(n, 1, generator=g, dtype=torch.float64))
+        assert xs.mean().item() == pytest.approx(m.item(), abs=1e-2)
+        assert xs.var().item() == pytest.approx(v.item(), abs=1e-2)
+
+
+def test_posterior_mean_two_forms(sched):
+    """μ̃ through x_0 (eq. 7) equals 1/√α_t (x_t − β_t/√(1−ᾱ_t) ε) (eq. 11)."""
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    eps = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    t = torch.tensor([1, 2, 10, 50, 100, 150, 198, 199])
+    x_t = diffusion.q_sample(sched, x0, t, eps)
+    mean, var = diffusion.q_posterior(sched, x0, x_t, t)
+    a = sched.alphas_cumprod[t].reshape(-1, 1)
+    alpha = sched.alphas[t].reshape(-1, 1)
+    beta = sched.betas[t].reshape(-1, 1)
+    a_prev = sched.alphas_cumprod[t - 1].reshape(-1, 1)
+    via_eps = (x_t - beta / (1 - a).sqrt() * eps) / alpha.sqrt()
+    assert torch.allclose(mean, via_eps, atol=1e-9)
+    via_x0 = a_prev.sqrt() * beta / (1 - a) * x0 + alpha.sqrt() * (1 - a_prev) / (1 - a) * x_t
+    assert torch.allclose(mean, via_x0, atol=1e-10)
+    assert torch.allclose(var.reshape(-1), ((1 - a_prev) / (1 - a) * beta).reshape(-1), rtol=1e-10)
+
+
+def test_predict_x0_inverts_q_sample(sched):
+    x0 = torch.randn(5, 2, dtype=torch.float64)
+    eps = torch.randn(5, 2, dtype=torch.float64)
+    t = torch.tensor([0, 3, 40, 120, 199])
+    x_t = diffusion.q_sample(sched, x0, t, eps)
+    assert torch.allclose(diffusion.predict_x0(sched, x_t, t, eps), x0, atol=1e-6)
+    assert torch.allclose(diffusion.predict_eps(sched, x_t, t, x0), eps, atol=1e-6)
+    v = diffusion.v_target(sched, x0, t, eps)
+    assert torch.allclose(diffusion.eps_from_v(sched, x_t, t, v), eps, atol=1e-9)
+
+
+def test_alpha_bar_after_last_step_is_one(sched):
+    x = torch.zeros(2, 1)
+    assert torch.all(diffusion.alpha_bar(sched, torch.tensor([-1, -1]), x) == 1)
+
+
+def test_model_time_matches_log_snr():
+    lin = toolkit.create("schedule", "linear", num_timesteps=1000)
+    cos = toolkit.create("schedule", "cosine", num_timesteps=1000)
+    # identical schedules map every t to itself
+    same = diffusion.model_time(lin.log_snr, lin.log_snr)
+    assert torch.allclose(same, torch.arange(1000, dtype=torch.float64), atol=1e-9)
+    # cosine sampling times mapped into a linear-trained model have the same log-SNR (where in range)
+    tm = diffusion.model_time(lin.log_snr, cos.log_snr)
+    inside = (cos.log_snr <= lin.log_snr[0]) & (cos.log_snr >= lin.log_snr[-1])
+    lo = tm.floor().long().clamp(max=998)
+    frac = tm - lo
+    interp = lin.log_snr[lo] * (1 - frac) + lin.log_snr[lo + 1] * frac
+    assert inside.sum() > 900
+    assert torch.allclose(interp[inside], cos.log_snr[inside], atol=1e-6)
+    assert torch.all(tm[1:] >= tm[:-1])  # monotone
+    assert tm.min() >= 0 and tm.max() <= 999

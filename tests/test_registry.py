@@ -1,0 +1,125 @@
+import importlib.metadata as md
+import types
+import warnings
+
+import pytest
+
+import toolkit
+from toolkit import hookimpl
+from toolkit.errors import PluginError
+
+
+def plugin(**hooks):
+    """A fake plugin module with the given hook implementations."""
+    mod = types.ModuleType("fake_plugin")
+    for name, fn in hooks.items():
+        setattr(mod, name, hookimpl(fn))
+    return mod
+
+
+def sampler_factory():
+    return toolkit.create("sampler", "diffusion-toolkit:ddim")
+
+
+def test_builtins_listed():
+    assert toolkit.available("schedule") == ["cosine", "linear"]
+    assert toolkit.available("samplers") == ["ddim", "ddpm"]
+    assert {"unet", "mlp"} <= set(toolkit.available("model"))
+    assert {"digits", "folder", "array", "moons", "swissroll", "gaussians8"} <= set(toolkit.available("dataset"))
+
+
+def test_unknown_name_lists_available():
+    with pytest.raises(PluginError, match=r"unknown sampler 'nope'.*ddim, ddpm"):
+        toolkit.create("sampler", "nope")
+    with pytest.raises(PluginError, match="unknown plugin kind"):
+        toolkit.available("widgets")
+
+
+def test_duplicate_name_names_both_distributions(fresh_registry):
+    def reg(register):
+        register("ddim", sampler_factory)
+
+    fresh_registry.register_plugin(plugin(register_samplers=reg), "dup", dist="other-dist", version="1.2")
+    with pytest.raises(PluginError, match=r"diffusion-toolkit.*other-dist.*diffusion-toolkit:ddim, other-dist:ddim"):
+        toolkit.create("sampler", "ddim")
+    assert toolkit.create("sampler", "diffusion-toolkit:ddim").name == "ddim"
+    assert toolkit.create("sampler", "other-dist:ddim").name == "ddim"
+
+
+def test_hook_that_raises_is_isolated(fresh_registry):
+    def reg(register):
+        raise RuntimeError("boom")
+
+    fresh_registry.register_plugin(plugin(register_samplers=reg), "bad", dist="bad-dist")
+    with pytest.warns(RuntimeWarning, match="bad"):
+        names = toolkit.available("sampler")
+    assert names == ["ddim", "ddpm"]
+    failures = fresh_registry.get_registry().failures
+    assert [f.plugin for f in failures] == ["bad"] and "boom" in failures[0].error
+
+
+def test_strict_mode_reraises(fresh_registry, monkeypatch):
+    def reg(register):
+        raise RuntimeError("boom")
+
+    monkeypatch.setenv("TOOLKIT_STRICT_PLUGINS", "1")
+    fresh_registry.register_plugin(plugin(register_samplers=reg), "bad", dist="bad-dist")
+    with pytest.raises(RuntimeError, match="boom"):
+        toolkit.available("sampler")
+
+
+class BrokenEntryPoint:
+    name = "broken"
+    dist = types.SimpleNamespace(name="broken-dist", version="0.0.1")
+
+    def load(self):
+        raise ImportError("No module named 'missing_dependency'")
+
+
+def test_plugin_that_fails_to_import(fresh_registry, monkeypatch):
+    real = fresh_registry._entry_points
+    monkeypatch.setattr(fresh_registry, "_entry_points", lambda: [BrokenEntryPoint(), *real()])
+    with pytest.warns(RuntimeWarning, match="broken"):
+        reg = fresh_registry.get_registry()
+    assert reg.failures[0].dist == "broken-dist" and "missing_dependency" in reg.failures[0].error
+    assert toolkit.available("sampler") == ["ddim", "ddpm"]
+
+
+def test_disable_plugins(fresh_registry, monkeypatch):
+    monkeypatch.setenv("TOOLKIT_DISABLE_PLUGINS", "samplers")
+    assert toolkit.available("sampler") == []
+    assert toolkit.available("schedule") == ["cosine", "linear"]
+
+
+def test_misspelled_hook_fails_loudly(fresh_registry):
+    def register_sampler(register):  # missing the s
+        pass
+
+    fresh_registry.register_plugin(plugin(register_sampler=register_sampler), "typo", dist="typo-dist")
+    with pytest.warns(RuntimeWarning, match=r"'typo' \(typo-dist\) implements an unknown hook.*register_sampler"):
+        assert toolkit.available("sampler") == ["ddim", "ddpm"]
+    assert fresh_registry.get_registry().failures[0].plugin == "typo"
+
+
+def test_wrong_hook_signature_is_rejected(fresh_registry, monkeypatch):
+    def register_samplers(register, extra):
+        pass
+
+    monkeypatch.setenv("TOOLKIT_STRICT_PLUGINS", "1")
+    fresh_registry.register_plugin(plugin(register_samplers=register_samplers), "sig", dist="sig-dist")
+    with pytest.raises(Exception, match="extra"):
+        toolkit.available("sampler")
+
+
+def test_factory_not_following_protocol(fresh_registry):
+    def reg(register):
+        register("half", lambda: types.SimpleNamespace(name="half", stochastic=False))
+
+    fresh_registry.register_plugin(plugin(register_samplers=reg), "half", dist="half-dist")
+    with pytest.raises(PluginError, match=r"Sampler protocol: missing sample, step, timesteps"):
+        toolkit.create("sampler", "half")
+
+
+def test_entries_record_distribution():
+    entry = toolkit.registry.get_registry().lookup("sampler", "ddim")
+    assert entry.dist == "diffusion-toolkit" and entry.version == md.version("diffusion-toolkit")

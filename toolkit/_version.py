@@ -1,0 +1,3 @@
+__version__ = "0.1.0"
+# Bumped when a hook, a protocol or the checkpoint format changes incompatibly for plugins.
+PLUGIN_API_VERSION = 1

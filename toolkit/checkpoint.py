@@ -1,0 +1,163 @@
+"""Checkpoint directories: config.json + model.safetensors (+ training_state.safetensors to resume).
+
+No pickle is ever loaded. A checkpoint is written into a temporary sibling directory and renamed
+into place, so a killed run never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from attrs import define
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from toolkit.errors import CheckpointError, ToolkitError
+
+FORMAT = "diffusion-toolkit-checkpoint"
+FORMAT_VERSION = 1
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+TRAINING_STATE = "training_state.safetensors"
+
+
+@define(frozen=True)
+class Checkpoint:
+    """A loaded checkpoint: the network (eval mode, EMA weights), its config and its training schedule."""
+
+    path: Path
+    config: dict[str, Any]
+    model: nn.Module
+    schedule: Any
+
+    @property
+    def kind(self) -> str:
+        return self.config.get("kind", "noise_predictor")
+
+
+def write_checkpoint(path: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                     extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write config.json and model.safetensors (and extra .safetensors files) atomically."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ToolkitError(f"output folder {str(parent)!r} does not exist")
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, **config}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS))
+        for name, group in (extra or {}).items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, str(tmp / name))
+        with open(tmp / CONFIG, "w") as fh:
+            json.dump(config, fh, indent=2, sort_keys=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask)
+        old = None
+        if path.exists():
+            old = parent / f".{path.name}.old-{os.getpid()}"
+            os.rename(path, old)
+        os.rename(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """config.json of a checkpoint directory, with clear errors for what is missing or corrupt."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a directory")
+    cfg_file = path / CONFIG
+    if not cfg_file.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} has no {CONFIG}")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r}: {CONFIG} is corrupt ({exc})") from exc
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {str(path)!r}: {CONFIG} is not a diffusion-toolkit checkpoint")
+    if config.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {str(path)!r} was written by a newer toolkit "
+                              f"(format {config['format_version']}); upgrade diffusion-toolkit")
+    return config
+
+
+def read_tensors(path: str | os.PathLike, name: str = WEIGHTS, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    file = Path(path) / name
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} has no {name}")
+    try:
+        return load_file(str(file), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r}: {name} is corrupt ({exc})") from exc
+
+
+def build_model(config: dict[str, Any]) -> nn.Module:
+    from toolkit.registry import create
+
+    try:
+        spec = config["model"]
+        return create("model", spec["name"], **spec.get("options", {}))
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint config has no valid model entry ({exc})") from exc
+
+
+def build_schedule(config: dict[str, Any]):
+    from toolkit.registry import create
+
+    try:
+        spec = config["schedule"]
+        return create("schedule", spec["name"], **spec.get("options", {}))
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint config has no valid schedule entry ({exc})") from exc
+
+
+def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint {where!r}: weights do not fit the model ({first})") from exc
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
+    """Load a checkpoint directory (or a shipped pretrained name) for sampling."""
+    path = resolve_checkpoint(path)
+    config = read_config(path)
+    model = build_model(config)
+    load_state(model, read_tensors(path, WEIGHTS), str(path))
+    model.to(device).eval().requires_grad_(False)
+    return Checkpoint(path=path, config=config, model=model, schedule=build_schedule(config))
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
+    """A directory path, or the name of a shipped pretrained checkpoint (``toolkit plugins``)."""
+    path = Path(name_or_path)
+    if path.exists() or os.sep in str(name_or_path) or str(name_or_path).startswith("."):
+        return path
+    from toolkit.registry import available, get_registry
+
+    if str(name_or_path).split(":")[-1] in available("pretrained"):
+        return Path(get_registry().lookup("pretrained", str(name_or_path)).factory())
+    raise CheckpointError(
+        f"no checkpoint directory {str(name_or_path)!r} and no pretrained model of that name; "
+        f"pretrained: {', '.join(available('pretrained')) or 'none'}"
+    )

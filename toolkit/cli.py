@@ -1,0 +1,258 @@
+"""The `toolkit` command: a thin click layer over the Python API."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import click
+
+from toolkit.errors import ToolkitError
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_options(pairs: tuple[str, ...], what: str) -> dict[str, Any]:
+    """KEY=VALUE pairs (VALUE as JSON when it parses, else a string)."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ToolkitError(f"{what} {pair!r} must look like KEY=VALUE")
+        key, value = pair.split("=", 1)
+        out[key.strip().replace("-", "_")] = _value(value)
+    return out
+
+
+def command_line(ctx: click.Context) -> str:
+    """The command as the user gave it (options not left at their defaults), to record in checkpoints."""
+    from click.core import ParameterSource
+
+    words = ["toolkit", ctx.info_name or ""]
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or ctx.get_parameter_source(param.name) == ParameterSource.DEFAULT:
+            continue
+        value, flag = ctx.params[param.name], param.opts[-1] if param.opts[-1].startswith("--") else param.opts[0]
+        if param.is_flag:
+            words += [flag] if value else []
+        elif param.multiple:
+            for v in value:
+                words += [flag, shlex.quote(str(v))]
+        else:
+            words += [flag, shlex.quote(str(value))]
+    return " ".join(words)
+
+
+def _stderr_tty() -> bool:
+    return sys.stderr.isatty()
+
+
+@contextmanager
+def progress_bar(length: int, label: str, quiet: bool) -> Iterator:
+    """A click progress bar on stderr, or nothing when quiet or not a terminal."""
+    if quiet or not _stderr_tty():
+        yield None
+        return
+    with click.progressbar(length=length, label=label, file=sys.stderr, show_pos=True,
+                           item_show_func=lambda s: s) as bar:
+        yield bar
+
+
+class ToolkitGroup(click.Group):
+    """Turns a user error (ours or click's) into one line on stderr and exit status 2."""
+
+    def main(self, args=None, prog_name=None, **extra):  # type: ignore[override]
+        try:
+            return super().main(args=args, prog_name=prog_name, standalone_mode=False, **extra)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(130)
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(2)
+        except ToolkitError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=ToolkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="diffusion-toolkit", prog_name="toolkit")
+def cli() -> None:
+    """Denoising diffusion models as composable plugins (DDPM, DDIM, guidance, latent, ONNX)."""
+
+
+@cli.command("plugins")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plugins_cmd(as_json: bool) -> None:
+    """List every registered plugin by kind, and plugins that failed to load."""
+    from toolkit.registry import KINDS, get_registry
+
+    reg = get_registry()
+    rows = {kind: [{"name": e.name, "aliases": list(e.aliases), "dist": e.dist, "version": e.version,
+                    "plugin": e.plugin} for e in sorted(reg.entries[kind], key=lambda e: e.name)]
+            for kind in KINDS}
+    failed = [{"plugin": f.plugin, "dist": f.dist, "version": f.version, "error": f.error} for f in reg.failures]
+    if as_json:
+        click.echo(json.dumps({"plugins": rows, "failed": failed}, indent=2))
+        return
+    for kind in KINDS:
+        if not rows[kind]:
+            continue
+        click.echo(f"{kind}:")
+        for r in rows[kind]:
+            alias = f" (aliases: {', '.join(r['aliases'])})" if r["aliases"] else ""
+            click.echo(f"  {r['name']:<16} {r['dist']} {r['version']}{alias}")
+    if failed:
+        click.echo("failed:")
+        for f in failed:
+            click.echo(f"  {f['plugin']:<16} {f['dist']} {f['version']}: {f['error']}")
+
+
+def _dataset_arg(dataset: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A directory means the folder dataset, a .npy/.npz file the array dataset, else a plugin name."""
+    path = Path(dataset)
+    if path.is_dir():
+        return "folder", {"path": str(path.resolve()), **options}
+    if path.suffix in (".npy", ".npz") and path.is_file():
+        return "array", {"path": str(path.resolve()), **options}
+    if path.suffix in (".npy", ".npz") or "/" in dataset:
+        raise ToolkitError(f"dataset {dataset!r} does not exist")
+    return dataset, options
+
+
+@cli.command("train")
+@click.option("--dataset", default="digits", show_default=True,
+              help="Dataset plugin name, a folder of images, or a .npy/.npz file.")
+@click.option("--data-option", "data_options", multiple=True, metavar="KEY=VALUE", help="Dataset option (repeatable).")
+@click.option("--model", default="unet", show_default=True, help="Model plugin (unet, mlp, ...).")
+@click.option("--model-option", "model_options", multiple=True, metavar="KEY=VALUE",
+              help="Architecture option, e.g. base_channels=32 or channel_mult=[1,2,2].")
+@click.option("--schedule", default="cosine", show_default=True)
+@click.option("--num-timesteps", "-T", default=1000, show_default=True, type=int)
+@click.option("--prediction", type=click.Choice(["epsilon", "v", "x0"]), default="epsilon", show_default=True)
+@click.option("--unconditional", is_flag=True, help="Ignore the dataset's labels.")
+@click.option("--p-uncond", default=0.1, show_default=True, type=float,
+              help="Probability of replacing the label by the null label ∅ (classifier-free guidance).")
+@click.option("--steps", default=4000, show_default=True, type=int, help="Total optimizer steps.")
+@click.option("--batch-size", default=128, show_default=True, type=int)
+@click.option("--lr", default=1e-3, show_default=True, type=float)
+@click.option("--weight-decay", default=0.0, show_default=True, type=float)
+@click.option("--ema-decay", default=0.999, show_default=True, type=float)
+@click.option("--grad-clip", default=1.0, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--checkpoint-every", default=1000, show_default=True, type=int)
+@click.option("--out", required=True, type=click.Path(), help="Checkpoint directory to write.")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def train_cmd(dataset, data_options, model, model_options, schedule, num_timesteps, prediction, unconditional,
+              p_uncond, steps, batch_size, lr, weight_decay, ema_decay, grad_clip, seed, checkpoint_every,
+              out, resume, overwrite, device, quiet) -> None:
+    """Train a noise predictor with L_simple (Algorithm 1) into a checkpoint directory."""
+    from toolkit.training import TrainConfig, train
+
+    name, dopts = _dataset_arg(dataset, parse_options(data_options, "--data-option"))
+    config = TrainConfig(dataset=name, dataset_options=dopts, model=model,
+                         model_options=parse_options(model_options, "--model-option"), schedule=schedule,
+                         num_timesteps=num_timesteps, prediction=prediction,
+                         conditional=False if unconditional else None, p_uncond=p_uncond, steps=steps,
+                         batch_size=batch_size, lr=lr, weight_decay=weight_decay, ema_decay=ema_decay,
+                         grad_clip=grad_clip, seed=seed, checkpoint_every=checkpoint_every)
+    command = command_line(click.get_current_context())
+    with progress_bar(steps, "train", quiet) as bar:
+        last = [0]
+
+        def progress(done: int, loss: float, rate: float) -> None:
+            if bar is not None:
+                bar.update(done - last[0] if last[0] else done, current_item=f"loss {loss:.4f}  {rate:.1f} steps/s")
+                last[0] = done
+
+        result = train(config, out, resume=resume, overwrite=overwrite, device=device, quiet=quiet,
+                       command=command, progress=progress)
+    click.echo(f"wrote {result.path} (step {result.step}, loss {result.loss:.4f}, "
+               f"{result.steps_per_second:.1f} steps/s)")
+
+
+def parse_classes(text: str | None, n: int, num_classes: int | None) -> tuple[list[int] | None, int | None]:
+    """--class: one label, a comma list (cycled), or 'all' (one grid row per class). Returns labels, nrow."""
+    if text is None:
+        return None, None
+    if num_classes is None:
+        raise ToolkitError("--class given but the model is unconditional")
+    if text.strip().lower() == "all":
+        per = max(1, n // num_classes)
+        return [k for k in range(num_classes) for _ in range(per)], per
+    try:
+        labels = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise ToolkitError(f"--class must be a label, a comma list of labels or 'all', not {text!r}") from None
+    if not labels:
+        raise ToolkitError("--class is empty")
+    for k in labels:
+        if not 0 <= k < num_classes:
+            raise ToolkitError(f"--class {k} is out of range: this model has classes 0..{num_classes - 1}")
+    return labels, None
+
+
+@cli.command("compose")
+@click.option("--schedule", default=None, help="Sampling schedule (default: the model's training schedule).")
+@click.option("--sampler", default="ddim", show_default=True)
+@click.option("--steps", type=int, default=None, help="Sampling steps S (default: ddim 50, ddpm T).")
+@click.option("--eta", type=float, default=None, help="DDIM η in [0, 1] (0: deterministic).")
+@click.option("--spacing", default=None, help="Timestep spacing: uniform, quadratic, trailing, linspace.")
+@click.option("--variance", default=None, help="DDPM σ²: posterior (β̃), beta (β), learned, auto.")
+@click.option("--sampler-option", "sampler_options", multiple=True, metavar="KEY=VALUE",
+              help="Any other sampler option (repeatable).")
+@click.option("--num-timesteps", "-T", type=int, default=None, help="T of the sampling schedule.")
+@click.option("--model", default=None, help="Checkpoint directory or pretrained name (default: digits).")
+@click.option("--class", "class_", default=None, help="Label, comma list of labels, or 'all'.")
+@click.option("-n", "n", default=64, show_default=True, type=int, help="Number of samples.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--batch-size", default=500, show_default=True, type=int)
+@click.option("--out", default="samples.png", show_default=True, type=click.Path(), help=".png grid or .npy array.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--quiet", "-q", is_flag=True)
+def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_options, num_timesteps, model, class_,
+                n, seed, batch_size, out, device, quiet) -> None:
+    """Compose a pipeline from named plugins and sample from it."""
+    import toolkit
+    from toolkit.images import check_output, save_samples
+
+    check_output(out)
+    if n < 1:
+        raise ToolkitError(f"-n must be positive, got {n}")
+    if batch_size < 1:
+        raise ToolkitError(f"--batch-size must be positive, got {batch_size}")
+    options = parse_options(sampler_options, "--sampler-option")
+    for key, value in (("eta", eta), ("spacing", spacing), ("variance", variance)):
+        if value is not None:
+            options[key] = value
+    pipe = toolkit.compose(schedule=schedule, sampler=sampler, model=model, steps=steps,
+                           num_timesteps=num_timesteps, device=device, batch_size=batch_size, **options)
+    labels, nrow = parse_classes(class_, n, pipe.num_classes)
+    if labels is not None and nrow is not None:
+        n = len(labels)
+    batches = -(-n // batch_size)
+    with progress_bar(batches * pipe.steps, "sample", quiet) as bar:
+        samples = pipe.sample(n, seed=seed, labels=labels,
+                              progress=(lambda k: bar.update(k)) if bar is not None else None)
+    save_samples(samples, out, nrow=nrow)
+    click.echo(f"wrote {out} ({n} samples, {pipe.sampler.name} {pipe.steps} steps, {pipe.schedule.name} schedule)")
+
+
+def main() -> None:
+    cli(prog_name="toolkit")

@@ -1,0 +1,101 @@
+"""The diffusion math, once: forward process, posterior, conversions between predictions.
+
+Every function takes 0-based integer timesteps (a tensor of shape [B]) and gathers from float64
+schedule arrays, casting to the data's dtype at use.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from toolkit.protocols import Schedule
+
+
+def gather(arr: Tensor, t: Tensor, like: Tensor) -> Tensor:
+    """arr[t] broadcast to ``like`` ([B] -> [B, 1, 1, ...]); t = -1 reads 1 for ᾱ-like arrays only via alpha_bar."""
+    out = arr.to(like.device)[t.to(like.device).long()]
+    return out.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def alpha_bar(schedule: Schedule, t: Tensor, like: Tensor) -> Tensor:
+    """ᾱ_t with ᾱ_{-1} = 1 (the clean data after the last step), shaped to broadcast with ``like``."""
+    a = torch.cat([torch.ones(1, dtype=torch.float64), schedule.alphas_cumprod.to(torch.float64)])
+    return gather(a, t.long() + 1, like)
+
+
+def q_sample(schedule: Schedule, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+    """x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε, a draw from q(x_t | x_0)  (Ho et al. eq. 4)."""
+    a = alpha_bar(schedule, t, x0)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def q_mean_variance(schedule: Schedule, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean √ᾱ_t x_0 and variance (1-ᾱ_t) of q(x_t | x_0)."""
+    a = alpha_bar(schedule, t, x0)
+    return a.sqrt() * x0, (1 - a).expand_as(x0)
+
+
+def predict_x0(schedule: Schedule, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+    """x_0 = (x_t - √(1-ᾱ_t) ε) / √ᾱ_t  (inverting eq. 4)."""
+    a = alpha_bar(schedule, t, x_t)
+    return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+
+
+def predict_eps(schedule: Schedule, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
+    """ε = (x_t - √ᾱ_t x_0) / √(1-ᾱ_t)."""
+    a = alpha_bar(schedule, t, x_t)
+    return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+
+
+def eps_from_v(schedule: Schedule, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
+    """ε = √(1-ᾱ_t) x_t + √ᾱ_t v, for v = √ᾱ ε - √(1-ᾱ) x_0 (Salimans & Ho)."""
+    a = alpha_bar(schedule, t, x_t)
+    return (1 - a).sqrt() * x_t + a.sqrt() * v
+
+
+def v_target(schedule: Schedule, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+    """v = √ᾱ_t ε - √(1-ᾱ_t) x_0."""
+    a = alpha_bar(schedule, t, x0)
+    return a.sqrt() * eps - (1 - a).sqrt() * x0
+
+
+def q_posterior(
+    schedule: Schedule, x0: Tensor, x_t: Tensor, t: Tensor, t_prev: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Mean μ̃ and variance β̃ of q(x_{t_prev} | x_t, x_0)  (Ho et al. eq. 6-7).
+
+    With t_prev = t - 1 (the default) these are the paper's μ̃_t and β̃_t. For a sub-sequence
+    (respaced sampling) the step's own β is 1 - ᾱ_t / ᾱ_{t_prev}.
+    """
+    if t_prev is None:
+        t_prev = t - 1
+    a_t = alpha_bar(schedule, t, x_t)
+    a_prev = alpha_bar(schedule, t_prev, x_t)
+    beta = 1 - a_t / a_prev
+    coef_x0 = a_prev.sqrt() * beta / (1 - a_t)
+    coef_xt = (1 - a_prev) * (a_t / a_prev).sqrt() / (1 - a_t)
+    variance = (1 - a_prev) / (1 - a_t) * beta
+    return coef_x0 * x0 + coef_xt * x_t, variance
+
+
+def step_beta(schedule: Schedule, t: Tensor, t_prev: Tensor, like: Tensor) -> Tensor:
+    """β of one (possibly skipped) step: 1 - ᾱ_t / ᾱ_{t_prev}."""
+    return 1 - alpha_bar(schedule, t, like) / alpha_bar(schedule, t_prev, like)
+
+
+def model_time(train_log_snr: Tensor, sample_log_snr: Tensor) -> Tensor:
+    """Fractional training-schedule times whose log-SNR equals ``sample_log_snr`` (linear interpolation).
+
+    ``train_log_snr`` is strictly decreasing in t; values outside its range clamp to 0 or T-1.
+    """
+    lam = train_log_snr.to(torch.float64)
+    q = sample_log_snr.to(torch.float64)
+    # searchsorted needs increasing values: flip the decreasing array.
+    inc = lam.flip(0)
+    n = inc.numel()
+    idx = torch.searchsorted(inc, q).clamp(1, n - 1)
+    lo, hi = inc[idx - 1], inc[idx]
+    frac = ((q - lo) / (hi - lo)).clamp(0, 1)
+    pos_inc = (idx - 1).to(torch.float64) + frac  # position in the increasing array
+    return (n - 1 - pos_inc).clamp(0, n - 1)

@@ -1,0 +1,58 @@
+"""The plugin hooks (pluggy project "toolkit", entry-point group "toolkit.plugins").
+
+Each hook receives ``register(name, factory, *, aliases=())``. Register factories, not objects,
+so that listing plugins stays cheap; ``toolkit.create(kind, name, **kwargs)`` calls the factory.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("toolkit")
+hookimpl = pluggy.HookimplMarker("toolkit")
+
+# kind -> hook name; a new kind is one line here and one hookspec below.
+HOOKS: dict[str, str] = {
+    "schedule": "register_schedules",
+    "sampler": "register_samplers",
+    "guidance": "register_guidance",
+    "model": "register_models",
+    "dataset": "register_datasets",
+    "latent": "register_latents",
+    "pretrained": "register_pretrained",
+}
+
+
+@hookspec
+def register_schedules(register):
+    """Register noise schedules: factory(num_timesteps=..., **options) -> Schedule."""
+
+
+@hookspec
+def register_samplers(register):
+    """Register samplers: factory(**options) -> Sampler."""
+
+
+@hookspec
+def register_guidance(register):
+    """Register guidance methods: factory(**options) -> Guidance."""
+
+
+@hookspec
+def register_models(register):
+    """Register network architectures: factory(sample_shape=..., num_classes=..., **options) -> NoisePredictor."""
+
+
+@hookspec
+def register_datasets(register):
+    """Register data sets: factory(**options) -> toolkit.data.ArrayDataset."""
+
+
+@hookspec
+def register_latents(register):
+    """Register latent wrappers (autoencoders that sampling and training run through)."""
+
+
+@hookspec
+def register_pretrained(register):
+    """Register shipped checkpoints: factory() -> path of a checkpoint directory."""

@@ -1,0 +1,213 @@
+"""A Pipeline: schedule + predictor + sampler (+ guidance), resolved by name through the registry."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+import torch
+from attrs import define, field
+from torch import Tensor, nn
+
+from toolkit import diffusion
+from toolkit.errors import ToolkitError
+from toolkit.noise import NoiseStreams
+from toolkit.protocols import Guidance, ModelFn, NoisePredictor, Sampler, Schedule
+from toolkit.registry import create, missing_attributes
+
+DEFAULT_MODEL = "digits"
+
+
+def _same_schedule(a: Schedule, b: Schedule) -> bool:
+    return a.num_timesteps == b.num_timesteps and torch.allclose(
+        a.alphas_cumprod.to(torch.float64), b.alphas_cumprod.to(torch.float64), rtol=1e-10, atol=1e-12)
+
+
+def _log_snr(schedule: Schedule) -> Tensor:
+    a = schedule.alphas_cumprod.to(torch.float64)
+    return torch.log(a) - torch.log1p(-a)
+
+
+@define(frozen=True)
+class Pipeline:
+    """Everything one sampling run needs; ``sample`` is the whole of it.
+
+    ``train_schedule`` is the schedule the predictor was trained under (None: the same as
+    ``schedule``). When they differ, the predictor is queried at the training time with the same
+    log-SNR, so any schedule can sample any model.
+    """
+
+    schedule: Schedule
+    predictor: NoisePredictor
+    sampler: Sampler
+    steps: int
+    guidance: Guidance | None = None
+    latent: Any = None
+    train_schedule: Schedule | None = None
+    device: torch.device = field(factory=lambda: torch.device("cpu"), converter=torch.device)
+    batch_size: int = 500
+    config: dict[str, Any] = field(factory=dict)
+
+    @property
+    def timesteps(self) -> Tensor:
+        """The 0-based t the sampler visits, descending."""
+        return self.sampler.timesteps(self.schedule, self.steps)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.predictor.sample_shape)
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.predictor.num_classes
+
+    def model_times(self) -> Tensor | None:
+        """Training-schedule time for each sampling-schedule t (None when the schedules agree)."""
+        if self.train_schedule is None or _same_schedule(self.schedule, self.train_schedule):
+            return None
+        return diffusion.model_time(_log_snr(self.train_schedule), _log_snr(self.schedule))
+
+    def model_fn(self, labels: Tensor | None) -> ModelFn:
+        """(x_t, t) → ε (and the variance output) with time mapping, labels and guidance applied."""
+        predictor = self.guidance.wrap(self.predictor) if self.guidance is not None else self.predictor
+        times = self.model_times()
+        prediction = getattr(self.predictor, "prediction", "epsilon")
+        schedule = self.schedule
+        if times is not None:
+            times = times.to(self.device, torch.float32)
+
+        def fn(x_t: Tensor, t: Tensor) -> Tensor:
+            tm = times[t] if times is not None else t
+            out = predictor(x_t, tm, labels)
+            if prediction == "epsilon":
+                return out
+            C = x_t.shape[1]
+            head, rest = out[:, :C], out[:, C:]
+            if prediction == "v":
+                head = diffusion.eps_from_v(schedule, x_t, t, head)
+            elif prediction == "x0":
+                head = diffusion.predict_eps(schedule, x_t, t, head)
+            return torch.cat([head, rest], dim=1) if rest.shape[1] else head
+
+        return fn
+
+    def check_labels(self, n: int, labels: int | Sequence[int] | Tensor | None) -> Tensor | None:
+        """Labels as a [n] long tensor (cycled if shorter), the null label when None, checked in range."""
+        K = self.num_classes
+        if labels is None:
+            return None if K is None else torch.full((n,), K, dtype=torch.long)
+        if K is None:
+            raise ToolkitError("this model is unconditional: it takes no class labels")
+        y = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        if y.numel() == 0:
+            raise ToolkitError("labels must not be empty")
+        if int(y.min()) < 0 or int(y.max()) >= K:
+            bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
+            raise ToolkitError(f"class label {bad} is out of range: this model has classes 0..{K - 1}")
+        return y.repeat((n + y.numel() - 1) // y.numel())[:n]
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        seed: int = 0,
+        labels: int | Sequence[int] | Tensor | None = None,
+        noise: Tensor | None = None,
+        *,
+        batch_size: int | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> Tensor:
+        """n samples [n, *sample_shape] in [-1, 1]; sample i depends only on (seed, i, labels[i]).
+
+        ``noise`` is an optional x_T of shape [n, *sample_shape]; the step noise still comes from
+        the per-sample streams of ``seed``.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ToolkitError(f"n must be a positive integer, got {n!r}")
+        shape = self.sample_shape
+        if noise is not None and tuple(noise.shape) != (n, *shape):
+            raise ToolkitError(f"noise must have shape {(n, *shape)}, got {tuple(noise.shape)}")
+        y = self.check_labels(n, labels)
+        bs = batch_size or self.batch_size
+        out = []
+        for start in range(0, n, bs):
+            stop = min(n, start + bs)
+            streams = NoiseStreams(seed, range(start, stop), shape, self.device)
+            x_T = streams.draw()
+            if noise is not None:
+                x_T = noise[start:stop].to(self.device, torch.float32)
+            yb = y[start:stop].to(self.device) if y is not None else None
+            x0 = self.sampler.sample(self.model_fn(yb), self.schedule, x_T, steps=self.steps,
+                                     noise_fn=lambda i, s=streams: s.draw(), progress=progress)
+            if self.latent is not None:
+                x0 = self.latent.decode(x0)
+            if not torch.isfinite(x0).all():
+                raise ToolkitError("sampling produced NaN or infinite values")
+            out.append(x0.clamp(-1, 1).cpu())
+        return torch.cat(out)
+
+
+def _resolve(kind: str, obj: Any, **options: Any) -> Any:
+    if isinstance(obj, str):
+        return create(kind, obj, **options)
+    if options:
+        raise ToolkitError(f"options {sorted(options)} apply only when the {kind} is given by name")
+    return obj
+
+
+def compose(
+    schedule: str | Schedule | None = None,
+    sampler: str | Sampler = "ddim",
+    guidance: str | Guidance | None = None,
+    model: str | os.PathLike | NoisePredictor | None = None,
+    *,
+    steps: int | None = None,
+    num_timesteps: int | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 500,
+    schedule_options: dict[str, Any] | None = None,
+    guidance_options: dict[str, Any] | None = None,
+    **options: Any,
+) -> Pipeline:
+    """Build a Pipeline from plugin names (or objects); ``options`` go to the sampler (eta, spacing, ...).
+
+    ``model``: a checkpoint directory, a shipped pretrained name ("digits", the default), or any
+    object following the NoisePredictor protocol (e.g. your own nn.Module). ``schedule`` defaults
+    to the model's training schedule.
+    """
+    from toolkit.checkpoint import load_checkpoint
+
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ToolkitError("device cuda requested but CUDA is not available")
+    sampler_obj = _resolve("sampler", sampler, **options)
+    guidance_obj = None
+    if guidance is not None:
+        guidance_obj = _resolve("guidance", guidance, **(guidance_options or {}))
+    train_schedule = None
+    config: dict[str, Any] = {}
+    if model is None or isinstance(model, (str, os.PathLike)):
+        ckpt = load_checkpoint(DEFAULT_MODEL if model is None else model, device=device)
+        if ckpt.kind != "noise_predictor":
+            raise ToolkitError(f"checkpoint {str(ckpt.path)!r} holds a {ckpt.kind}, not a noise predictor")
+        predictor, train_schedule, config = ckpt.model, ckpt.schedule, ckpt.config
+    else:
+        missing = missing_attributes(model, NoisePredictor)
+        if missing:
+            raise ToolkitError(f"model does not follow the NoisePredictor protocol: missing {', '.join(missing)}")
+        predictor = model
+        if isinstance(model, nn.Module):
+            model.to(device).eval()
+    if schedule is None:
+        if train_schedule is None:
+            raise ToolkitError("schedule is required for a model given as an object")
+        schedule = train_schedule if num_timesteps is None and not schedule_options else train_schedule.name
+    if isinstance(schedule, str):
+        T = num_timesteps or (train_schedule.num_timesteps if train_schedule is not None else 1000)
+        schedule = create("schedule", schedule, num_timesteps=T, **(schedule_options or {}))
+    if steps is None:
+        steps = getattr(sampler_obj, "default_steps", None) or schedule.num_timesteps
+    sampler_obj.timesteps(schedule, steps)  # validates steps against T now, not mid-run
+    return Pipeline(schedule=schedule, predictor=predictor, sampler=sampler_obj, steps=int(steps),
+                    guidance=guidance_obj, train_schedule=train_schedule, device=device,
+                    batch_size=batch_size, config=config)

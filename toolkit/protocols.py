@@ -1,0 +1,108 @@
+"""The four interfaces every plugin implements: Schedule, NoisePredictor, Sampler, Guidance.
+
+Time convention: t is a 0-based index (0..T-1) into the schedule's arrays; the papers' t = 1..T
+maps to t - 1, and t_prev = -1 means "after the last step" (ᾱ = 1, clean data).
+Data convention: images are float32 NCHW in [-1, 1].
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol, runtime_checkable
+
+from torch import Tensor
+
+
+@runtime_checkable
+class Schedule(Protocol):
+    """The forward process q(x_t | x_{t-1}) = N(√(1-β_t) x_{t-1}, β_t I).
+
+    Arrays are float64 of shape [T]. ``toolkit.schedule_from_betas`` builds one from β alone and
+    derives everything the math needs (ᾱ, posterior coefficients, log-SNR).
+    """
+
+    name: str
+    num_timesteps: int
+    betas: Tensor
+    alphas: Tensor
+    alphas_cumprod: Tensor
+
+
+@runtime_checkable
+class NoisePredictor(Protocol):
+    """The network ε_θ(x_t, t, y).
+
+    ``prediction`` says what it outputs ("epsilon", "v" or "x0"); with ``learned_variance`` the
+    output has 2C channels (prediction, then the interpolation v of Improved DDPM).
+    ``num_classes`` is None for an unconditional model; otherwise labels are 0..K-1 and K is the
+    null label ∅ (used for unconditional samples and classifier-free guidance).
+    ``t`` may be fractional when the sampling schedule differs from the training schedule.
+    """
+
+    prediction: str
+    learned_variance: bool
+    num_classes: int | None
+    sample_shape: tuple[int, ...]
+
+    def __call__(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor: ...
+
+
+# model_fn(x_t, t) -> ε (C channels), or ε and v (2C channels) for a learned-variance model.
+# The pipeline builds it: it converts v/x0 predictions to ε, maps time between schedules,
+# binds the labels and applies guidance, so samplers see one thing only.
+ModelFn = Callable[[Tensor, Tensor], Tensor]
+# noise_fn(i) -> the standard normal noise for the i-th step (shape of x), drawn per sample.
+NoiseFn = Callable[[int], Tensor]
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """Turns a model and a schedule into samples.
+
+    ``step`` is pure and traceable (no randomness, no Python state), so exporters can trace it:
+    ``out`` is the model output in ε-space at (x_t, t); ``noise`` is standard normal (or None for
+    a deterministic step); ``t_prev = -1`` is the final step to x_0. ``stochastic`` says whether
+    ``step`` uses its noise.
+    """
+
+    name: str
+    stochastic: bool
+
+    def timesteps(self, schedule: Schedule, steps: int) -> Tensor: ...
+
+    def step(
+        self,
+        out: Tensor,
+        x_t: Tensor,
+        t: Tensor,
+        t_prev: Tensor,
+        schedule: Schedule,
+        noise: Tensor | None,
+    ) -> Tensor: ...
+
+    def sample(
+        self,
+        model_fn: ModelFn,
+        schedule: Schedule,
+        x_T: Tensor,
+        *,
+        steps: int,
+        noise_fn: NoiseFn,
+        progress: Callable[[int], None] | None = None,
+    ) -> Tensor: ...
+
+
+@runtime_checkable
+class Guidance(Protocol):
+    """Changes the model output at each step, in ε-space, by wrapping the predictor."""
+
+    name: str
+
+    def wrap(self, predictor: NoisePredictor) -> NoisePredictor: ...
+
+
+PROTOCOLS: dict[str, type] = {
+    "schedule": Schedule,
+    "sampler": Sampler,
+    "guidance": Guidance,
+    "model": NoisePredictor,
+}

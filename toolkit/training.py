@@ -1,0 +1,241 @@
+"""Training a noise predictor with Algorithm 1 of Ho et al. (L_simple), AdamW, EMA and atomic checkpoints."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from attrs import asdict, define, field
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from toolkit import checkpoint, diffusion
+from toolkit._version import __version__
+from toolkit.data import ArrayDataset
+from toolkit.errors import CheckpointError, ToolkitError
+from toolkit.noise import sample_seed
+from toolkit.registry import create
+
+
+def _positive(instance, attribute, value) -> None:
+    if value is None or value <= 0:
+        raise ToolkitError(f"{attribute.name.replace('_', '-')} must be positive, got {value!r}")
+
+
+def _unit(instance, attribute, value) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ToolkitError(f"{attribute.name.replace('_', '-')} must lie in [0, 1), got {value!r}")
+
+
+@define(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run; recorded in the checkpoint's config.json."""
+
+    dataset: str = "digits"
+    dataset_options: dict[str, Any] = field(factory=dict)
+    model: str = "unet"
+    model_options: dict[str, Any] = field(factory=dict)
+    schedule: str = "cosine"
+    num_timesteps: int = field(default=1000, validator=_positive)
+    prediction: str = "epsilon"
+    conditional: bool | None = None  # None: class-conditional when the data set has labels
+    p_uncond: float = field(default=0.1, validator=_unit)
+    steps: int = field(default=4000, validator=_positive)
+    batch_size: int = field(default=128, validator=_positive)
+    lr: float = field(default=1e-3, validator=_positive)
+    weight_decay: float = 0.0
+    warmup: int = 100
+    ema_decay: float = field(default=0.999, validator=_unit)
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = field(default=1000, validator=_positive)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@define
+class TrainResult:
+    path: Path
+    step: int
+    loss: float
+    steps_per_second: float
+
+
+def _ema(model: nn.Module, decay: float) -> AveragedModel:
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, Tensor]:
+    out = {}
+    for idx, state in opt.state_dict()["state"].items():
+        for key, value in state.items():
+            out[f"optim.{idx}.{key}"] = torch.as_tensor(value)
+    return out
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor]) -> None:
+    state: dict[int, dict[str, Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+
+
+def build(config: TrainConfig, data: ArrayDataset) -> nn.Module:
+    """The network the config describes, shaped for the data."""
+    conditional = config.conditional if config.conditional is not None else data.y is not None
+    if conditional and data.y is None:
+        raise ToolkitError(f"dataset {data.name!r} has no labels: it cannot train a class-conditional model")
+    options = dict(config.model_options)
+    options.update(sample_shape=data.sample_shape, num_classes=data.num_classes if conditional else None,
+                   prediction=config.prediction)
+    model = create("model", config.model, **options)
+    if not isinstance(model, nn.Module):
+        raise ToolkitError(f"model {config.model!r} is not a torch.nn.Module and cannot be trained")
+    return model
+
+
+def loss_simple(model: nn.Module, schedule, x0: Tensor, t: Tensor, noise: Tensor, y: Tensor | None) -> Tensor:
+    """L_simple = ‖ε - ε_θ(√ᾱ_t x_0 + √(1-ᾱ_t) ε, t)‖² (Algorithm 1), or the v / x_0 target."""
+    x_t = diffusion.q_sample(schedule, x0, t, noise)
+    out = model(x_t, t, y)
+    C = x0.shape[1]
+    pred = out[:, :C]
+    prediction = getattr(model, "prediction", "epsilon")
+    if prediction == "epsilon":
+        target = noise
+    elif prediction == "v":
+        target = diffusion.v_target(schedule, x0, t, noise)
+    else:
+        target = x0
+    return (pred - target).pow(2).mean()
+
+
+def train(
+    config: TrainConfig,
+    out: str | os.PathLike,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str | torch.device = "cpu",
+    quiet: bool = False,
+    command: str | None = None,
+    progress: Callable[[int, float, float], None] | None = None,
+) -> TrainResult:
+    """Train ``config`` into checkpoint directory ``out`` (resuming from it with ``resume``)."""
+    out = Path(out)
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise ToolkitError(f"output folder {str(parent)!r} does not exist")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ToolkitError("device cuda requested but CUDA is not available")
+    if out.exists() and not resume and not overwrite:
+        raise ToolkitError(f"{str(out)!r} already exists; pass --resume to continue it or --overwrite")
+
+    start_step = 0
+    state = None
+    if resume and out.exists():
+        saved = checkpoint.read_config(out)
+        old = saved.get("training", {}).get("config", {})
+        for key in ("dataset", "dataset_options", "model", "model_options", "schedule", "num_timesteps",
+                    "prediction", "conditional"):
+            if key in old and old[key] != config.to_json()[key] and not (key == "conditional" and config.conditional is None):
+                raise CheckpointError(f"cannot resume {str(out)!r}: it was trained with {key}={old[key]!r}, "
+                                      f"not {config.to_json()[key]!r}")
+        if "conditional" in old and config.conditional is None:
+            config = TrainConfig(**{**config.to_json(), "conditional": old["conditional"]})
+        state = checkpoint.read_tensors(out, checkpoint.TRAINING_STATE)
+        start_step = int(saved["training"]["step"])
+
+    data = create("dataset", config.dataset, **config.dataset_options)
+    schedule = create("schedule", config.schedule, num_timesteps=config.num_timesteps)
+    torch.manual_seed(config.seed)
+    model = build(config, data).to(device)
+    conditional = model.num_classes is not None
+    config = TrainConfig(**{**config.to_json(), "conditional": conditional})
+    ema = _ema(model, config.ema_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if state is not None:
+        checkpoint.load_state(model, {k[6:]: v for k, v in state.items() if k.startswith("model.")}, str(out))
+        ema_state = checkpoint.read_tensors(out, checkpoint.WEIGHTS)
+        checkpoint.load_state(ema.module, ema_state, str(out))
+        ema.n_averaged.fill_(int(state["ema.n_averaged"]))
+        _load_optimizer(opt, {k: v.to(device) for k, v in state.items() if k.startswith("optim.")})
+
+    x_all = data.x.to(device)
+    y_all = data.y.to(device) if conditional else None
+    N = len(data)
+    params = sum(p.numel() for p in model.parameters())
+
+    def lr_at(step: int) -> float:
+        return config.lr * min(1.0, (step + 1) / max(1, config.warmup))
+
+    def save(step: int, loss: float, elapsed: float) -> None:
+        cfg = {
+            "kind": "noise_predictor",
+            "toolkit_version": __version__,
+            "model": {"name": config.model, "options": {**config.model_options,
+                                                         "sample_shape": list(data.sample_shape),
+                                                         "num_classes": model.num_classes,
+                                                         "learned_variance": model.learned_variance,
+                                                         "prediction": config.prediction}},
+            "schedule": {"name": config.schedule, "options": {"num_timesteps": config.num_timesteps}},
+            "data": {"dataset": config.dataset, "options": config.dataset_options, "name": data.name,
+                     "shape": list(data.sample_shape), "num_classes": data.num_classes, "levels": data.levels,
+                     "range": [-1, 1], "class_names": list(data.class_names) if data.class_names else None},
+            "training": {"step": step, "config": config.to_json(), "loss": loss, "parameters": params,
+                         "elapsed_s": round(elapsed, 2), "command": command, "torch_version": torch.__version__},
+        }
+        extra = {"model." + k: v for k, v in model.state_dict().items()}
+        extra.update(_optimizer_tensors(opt))
+        extra["ema.n_averaged"] = ema.n_averaged.detach().clone()
+        checkpoint.write_checkpoint(out, cfg, ema.module.state_dict(), {checkpoint.TRAINING_STATE: extra})
+
+    model.train()
+    loss_avg = math.nan
+    t0 = time.perf_counter()
+    prev_elapsed = 0.0
+    if resume and start_step:
+        prev_elapsed = float(checkpoint.read_config(out)["training"].get("elapsed_s", 0.0))
+    step = start_step
+    if start_step >= config.steps:
+        return TrainResult(out, start_step, math.nan, 0.0)
+    for step in range(start_step, config.steps):
+        g = torch.Generator().manual_seed(sample_seed(config.seed, step))  # stateless: resumes exactly
+        idx = torch.randint(N, (config.batch_size,), generator=g)
+        t = torch.randint(config.num_timesteps, (config.batch_size,), generator=g)
+        noise = torch.randn((config.batch_size, *data.sample_shape), generator=g)
+        drop = torch.rand(config.batch_size, generator=g) < config.p_uncond
+        x0 = x_all[idx.to(device)]
+        y = None
+        if conditional:
+            y = torch.where(drop.to(device), torch.full_like(y_all[idx.to(device)], model.num_classes),
+                            y_all[idx.to(device)])
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        loss = loss_simple(model, schedule, x0, t.to(device), noise.to(device), y)
+        if not torch.isfinite(loss):
+            raise ToolkitError(f"training diverged at step {step}: loss is {loss.item()}; lower --lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        opt.step()
+        ema.update_parameters(model)
+        value = float(loss.detach())
+        loss_avg = value if math.isnan(loss_avg) else 0.98 * loss_avg + 0.02 * value
+        done = step + 1
+        if progress is not None:
+            elapsed = time.perf_counter() - t0
+            progress(done, loss_avg, (done - start_step) / max(elapsed, 1e-9))
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            save(done, loss_avg, prev_elapsed + time.perf_counter() - t0)
+    elapsed = time.perf_counter() - t0
+    return TrainResult(out, config.steps, loss_avg, (config.steps - start_step) / max(elapsed, 1e-9))
