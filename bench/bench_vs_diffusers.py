@@ -5,7 +5,7 @@ same data stream, schedule, loss, optimizer, warmup, EMA and clipping; then samp
 DDPM and reports samples/s, Fréchet distance (bench classifier features) and class accuracy.
 
     python bench/bench_vs_diffusers.py            # full run
-    python bench/bench_vs_diffusers.py --quick    # smoke run, a couple of minutes
+    python bench/bench_vs_diffusers.py --quick    # smoke run, under a minute
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def diffusers_unet(num_class_embeds: int) -> UNet2DModel:
 
 
 def params(model: nn.Module) -> int:
+    """Number of parameters."""
     return sum(p.numel() for p in model.parameters())
 
 
@@ -69,7 +70,7 @@ def train_ours(cfg: TrainConfig, out: Path) -> dict[str, Any]:
 
 
 def train_diffusers(cfg: TrainConfig, out: Path) -> dict[str, Any]:
-    """The same recipe as toolkit.training.train, as a plain loop over a diffusers UNet2DModel; EMA saved to ``out``."""
+    """toolkit.training.train's recipe as a plain loop over a diffusers UNet2DModel; EMA saved to ``out``."""
     t0 = time.perf_counter()
     data = toolkit.create("dataset", cfg.dataset)
     alphas_cumprod = toolkit.create("schedule", cfg.schedule, num_timesteps=cfg.num_timesteps).alphas_cumprod
@@ -164,7 +165,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, help="samples per row (default 1000; quick 50)")
     parser.add_argument("--ddim-steps", help="comma-separated DDIM step counts (default 10,20,50,100; quick 10)")
     parser.add_argument("--ddpm-steps", type=int, help="DDPM steps (default 1000; quick 20)")
-    parser.add_argument("--out", help="JSON results (default bench/results/vs_diffusers.json; quick vs_diffusers_quick.json)")
+    parser.add_argument("--out", help="JSON results (default bench/results/vs_diffusers.json; "
+                                      "quick vs_diffusers_quick.json)")
     parser.add_argument("--seed", type=int, default=0, help="training and sampling seed")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
     args = parser.parse_args()
@@ -173,34 +175,36 @@ def main() -> None:
             setattr(args, key, value)
     rows = [("ddim", int(s)) for s in args.ddim_steps.split(",")] + [("ddpm", args.ddpm_steps)]
     labels = torch.arange(args.samples) % 10
-
     judge = Judge(args.seed)
+
+    def measure(x: Tensor, seconds: float) -> dict[str, float]:
+        return {"samples_per_s": args.samples / seconds, "seconds": seconds, **judge.score(x, labels)}
+
     cfg = recipe(args.train_steps, args.seed)
     result: dict[str, Any] = {
         "config": vars(args),
-        "machine": {"torch": torch.__version__, "diffusers": diffusers.__version__, "toolkit": toolkit.__version__,
-                    "threads": torch.get_num_threads(), "platform": platform.platform()},
+        "machine": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                    "toolkit": toolkit.__version__, "threads": torch.get_num_threads(),
+                    "platform": platform.platform()},
         "classifier": {"holdout_accuracy": judge.holdout_accuracy, "fd_floor": judge.fd_floor(args.samples)},
         "train": {},
         "rows": [],
     }
     with tempfile.TemporaryDirectory() as tmp:
         ours_ckpt, theirs_dir = Path(tmp) / "ours", Path(tmp) / "diffusers"
-        result["train"]["ours"] = train_ours(cfg, ours_ckpt)
-        result["train"]["diffusers"] = train_diffusers(cfg, theirs_dir)
-        print(f"params: ours {result['train']['ours']['params']:,}, diffusers {result['train']['diffusers']['params']:,}")
-        unet = UNet2DModel.from_pretrained(theirs_dir).eval()
+        for side, fn, path in (("ours", train_ours, ours_ckpt), ("diffusers", train_diffusers, theirs_dir)):
+            result["train"][side] = stats = fn(cfg, path)
+            print(f"trained {side}: {stats['params']:,} params, {stats['steps_per_s']:.2f} steps/s", flush=True)
+        unet = UNet2DModel.from_pretrained(theirs_dir, low_cpu_mem_usage=False).eval()
         sample_ours(ours_ckpt, "ddim", 2, min(args.samples, SAMPLE_BATCH), args.seed)  # warm-up, untimed
         sample_diffusers(unet, "ddim", 2, min(args.samples, SAMPLE_BATCH), args.seed)
         for sampler, steps in rows:
             row: dict[str, Any] = {"sampler": sampler, "steps": steps}
-            x, seconds = sample_ours(ours_ckpt, sampler, steps, args.samples, args.seed)
-            row["ours"] = {"samples_per_s": args.samples / seconds, "seconds": seconds, **judge.score(x, labels)}
-            x, seconds = sample_diffusers(unet, sampler, steps, args.samples, args.seed)
-            row["diffusers"] = {"samples_per_s": args.samples / seconds, "seconds": seconds, **judge.score(x, labels)}
+            row["ours"] = measure(*sample_ours(ours_ckpt, sampler, steps, args.samples, args.seed))
+            row["diffusers"] = measure(*sample_diffusers(unet, sampler, steps, args.samples, args.seed))
             result["rows"].append(row)
-            print(f"{sampler} {steps}: ours {row['ours']['seconds']:.1f}s, diffusers {row['diffusers']['seconds']:.1f}s",
-                  flush=True)
+            print(f"sampled {sampler} {steps}: ours {row['ours']['seconds']:.1f}s, "
+                  f"diffusers {row['diffusers']['seconds']:.1f}s", flush=True)
     print(table(result))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -58,7 +58,7 @@ def _accuracy(model: DigitsCNN, x: Tensor, y: Tensor) -> float:
 
 
 def load_classifier(seed: int = 0) -> tuple[DigitsCNN, float]:
-    """The classifier trained on all 1797 digits (cached), and its recipe's accuracy held out on a seeded 80/20 split."""
+    """The classifier trained on all digits (cached) and its recipe's held-out accuracy on a seeded 80/20 split."""
     path = CACHE / f"digits_cnn_seed{seed}_steps{STEPS}.safetensors"
     model = DigitsCNN()
     if path.is_file():

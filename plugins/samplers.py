@@ -51,8 +51,8 @@ class DDPM:
     clip_x0: bool = True
     spacing: str = field(default="uniform", validator=_in(*SPACINGS))
     default_steps: int | None = None
-    name: str = "ddpm"
-    stochastic: bool = True
+    name: str = field(default="ddpm", init=False)
+    stochastic: bool = field(default=True, init=False)
 
     def timesteps(self, schedule: Schedule, steps: int) -> Tensor:
         return spaced_timesteps(schedule.num_timesteps, check_steps(schedule, steps), self.spacing)
@@ -106,7 +106,7 @@ class DDIM:
     clip_x0: bool = True
     spacing: str = field(default="uniform", validator=_in(*SPACINGS))
     default_steps: int | None = 50
-    name: str = "ddim"
+    name: str = field(default="ddim", init=False)
 
     def __attrs_post_init__(self) -> None:
         if not 0.0 <= self.eta <= 1.0:

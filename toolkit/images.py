@@ -27,7 +27,7 @@ def check_output(path: str | os.PathLike, suffixes: tuple[str, ...] = SUFFIXES) 
     return path
 
 
-def grid(samples: Tensor, nrow: int | None = None, scale: int | None = None, pad: int = 1) -> np.ndarray:
+def grid(samples: Tensor, nrow: int | None = None, scale: int | None = None, pad: int | None = None) -> np.ndarray:
     """[N, C, H, W] in [-1, 1] → uint8 image [H', W', C] with ``nrow`` samples per row."""
     if samples.ndim != 4:
         raise ToolkitError(f"a PNG grid needs image samples [N, C, H, W], got {tuple(samples.shape)}; use .npy")
@@ -37,10 +37,11 @@ def grid(samples: Tensor, nrow: int | None = None, scale: int | None = None, pad
     nrow = nrow or math.ceil(math.sqrt(n))
     ncol = math.ceil(n / nrow)
     scale = scale or max(1, 64 // max(h, w))
+    pad = max(1, scale // 2) if pad is None else pad
     img = ((samples.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     img = img.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
     H, W = h * scale + pad, w * scale + pad
-    canvas = torch.full((c, ncol * H + pad, nrow * W + pad), 64, dtype=torch.uint8)
+    canvas = torch.full((c, ncol * H + pad, nrow * W + pad), 128, dtype=torch.uint8)
     for i in range(n):
         r, k = divmod(i, nrow)
         canvas[:, pad + r * H: pad + r * H + h * scale, pad + k * W: pad + k * W + w * scale] = img[i]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata as metadata
+import inspect
 import os
 import sys
 import threading
@@ -244,9 +245,12 @@ def create(kind: str, name: str, **kwargs: Any) -> Any:
     kind = normalize_kind(kind)
     entry = get_registry().lookup(kind, name)
     try:
-        obj = entry.factory(**kwargs)
+        inspect.signature(entry.factory).bind(**kwargs)
     except TypeError as exc:
         raise PluginError(f"{kind} {entry.name!r} ({entry.dist}): bad options {sorted(kwargs)}: {exc}") from exc
+    except ValueError:  # no signature (a builtin): let the call itself complain
+        pass
+    obj = entry.factory(**kwargs)
     protocol = PROTOCOLS.get(kind)
     if protocol is not None:
         missing = missing_attributes(obj, protocol)

@@ -24,7 +24,7 @@ def check_steps(schedule: Schedule, steps: int) -> int:
 def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -> Tensor:
     """τ: ``steps`` 0-based timesteps, descending.
 
-    uniform: τ_i = ⌊i·T/S⌋ (DDIM's "uniform", diffusers' "leading"); quadratic: τ_i = ⌊(i·√(0.8T)/(S-1))²⌋
+    uniform: τ_i = ⌊i·T/S⌋ (DDIM's "uniform"; diffusers' "leading" when S divides T); quadratic: τ_i = ⌊(i·√(0.8T)/(S-1))²⌋
     (DDIM's CIFAR-10 choice); trailing: T-1 down in steps of T/S (Lin et al. 2024, starts at t=T-1);
     linspace: evenly from 0 to T-1 inclusive (guided-diffusion's respacing).
     """

@@ -1,0 +1,40 @@
+"""The shipped digits model: small, self-describing, and it draws the digit it is asked for."""
+
+import json
+from pathlib import Path
+
+import torch
+
+import toolkit
+from toolkit.checkpoint import resolve_checkpoint
+
+
+def nearest_class_mean(samples, data):
+    """Label each sample with the class whose mean real image is nearest (90% accurate on real digits)."""
+    means = torch.stack([data.x[data.y == k].mean(0) for k in range(10)])
+    dist = ((samples[:, None] - means[None]) ** 2).flatten(2).sum(-1)
+    return dist.argmin(1)
+
+
+def test_shipped_checkpoint_is_small_and_records_its_command():
+    path = resolve_checkpoint("digits")
+    size = sum(f.stat().st_size for f in Path(path).iterdir())
+    assert size <= 3 * 1024 * 1024
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["training"]["command"].startswith("toolkit train ")
+    assert cfg["model"]["options"]["num_classes"] == 10 and cfg["schedule"]["name"] == "cosine"
+    assert not (path / "training_state.safetensors").exists()
+
+
+def test_shipped_model_draws_requested_digits_with_variety():
+    data = toolkit.create("dataset", "digits")
+    pipe = toolkit.compose(sampler="ddim", steps=20)
+    labels = torch.arange(10).repeat(10)
+    x = pipe.sample(100, seed=0, labels=labels)
+    accuracy = (nearest_class_mean(x, data) == labels).float().mean().item()
+    assert accuracy >= 0.8, accuracy
+    # varied: samples of one class are about as far apart as real digits of that class
+    for k in (0, 7):
+        own = x[labels == k].flatten(1)
+        real = data.x[data.y == k].flatten(1)
+        assert torch.cdist(own, own).mean() > 0.5 * torch.cdist(real, real).mean()
