@@ -90,6 +90,11 @@ class Judge:
     def features(self, x: Tensor) -> np.ndarray:
         return self.model.body(x.float()).numpy()
 
+    @torch.no_grad()
+    def predict(self, samples: Tensor) -> Tensor:
+        """The class the judge assigns to each sample, [N] long."""
+        return self.model(samples.float()).argmax(1)
+
     def score(self, samples: Tensor, labels: Tensor) -> dict[str, float]:
         """FD to the real digits and the fraction of samples classified as the label they were drawn for."""
         feats = self.features(samples)

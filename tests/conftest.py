@@ -33,3 +33,14 @@ def tiny_ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
     train(TrainConfig(model_options=TINY_UNET, steps=4, batch_size=16, checkpoint_every=2, ema_decay=0.5), out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory):
+    """A noise-aware digits classifier trained 3 steps: plumbing only."""
+    from toolkit.training import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("clf") / "tiny-clf"
+    train(TrainConfig(task="classifier", model="unet-encoder", model_options=TINY_UNET, steps=3, batch_size=16),
+          out)
+    return out

@@ -113,9 +113,12 @@ def read_tensors(path: str | os.PathLike, name: str = WEIGHTS, device: str | tor
 def build_model(config: dict[str, Any]) -> nn.Module:
     from toolkit.registry import create
 
+    kind = {"noise_predictor": "model", "classifier": "classifier"}.get(config.get("kind", "noise_predictor"))
+    if kind is None:
+        raise CheckpointError(f"checkpoint holds an unknown kind {config.get('kind')!r}")
     try:
         spec = config["model"]
-        return create("model", spec["name"], **spec.get("options", {}))
+        return create(kind, spec["name"], **spec.get("options", {}))
     except (KeyError, TypeError) as exc:
         raise CheckpointError(f"checkpoint config has no valid model entry ({exc})") from exc
 

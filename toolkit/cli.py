@@ -122,7 +122,11 @@ def plugins_cmd(as_json: bool) -> None:
 
 
 def _dataset_arg(dataset: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """A directory means the folder dataset, a .npy/.npz file the array dataset, else a plugin name."""
+    """A registered dataset name; else a directory (folder dataset) or a .npy/.npz file (array dataset)."""
+    from toolkit.registry import available
+
+    if dataset in available("dataset") or ":" in dataset:
+        return dataset, options
     path = Path(dataset)
     if path.is_dir():
         return "folder", {"path": str(path.resolve()), **options}
@@ -133,45 +137,52 @@ def _dataset_arg(dataset: str, options: dict[str, Any]) -> tuple[str, dict[str, 
     return dataset, options
 
 
-@cli.command("train")
-@click.option("--dataset", default="digits", show_default=True,
-              help="Dataset plugin name, a folder of images, or a .npy/.npz file.")
-@click.option("--data-option", "data_options", multiple=True, metavar="KEY=VALUE", help="Dataset option (repeatable).")
-@click.option("--model", default="unet", show_default=True, help="Model plugin (unet, mlp, ...).")
-@click.option("--model-option", "model_options", multiple=True, metavar="KEY=VALUE",
-              help="Architecture option, e.g. base_channels=32 or channel_mult=[1,2,2].")
-@click.option("--schedule", default="cosine", show_default=True)
-@click.option("--num-timesteps", "-T", default=1000, show_default=True, type=int)
-@click.option("--prediction", type=click.Choice(["epsilon", "v", "x0"]), default="epsilon", show_default=True)
-@click.option("--unconditional", is_flag=True, help="Ignore the dataset's labels.")
-@click.option("--p-uncond", default=0.1, show_default=True, type=float,
-              help="Probability of replacing the label by the null label ∅ (classifier-free guidance).")
-@click.option("--steps", default=4000, show_default=True, type=int, help="Total optimizer steps.")
-@click.option("--batch-size", default=128, show_default=True, type=int)
-@click.option("--lr", default=1e-3, show_default=True, type=float)
-@click.option("--weight-decay", default=0.0, show_default=True, type=float)
-@click.option("--ema-decay", default=0.999, show_default=True, type=float)
-@click.option("--grad-clip", default=1.0, show_default=True, type=float)
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--checkpoint-every", default=1000, show_default=True, type=int)
-@click.option("--out", required=True, type=click.Path(), help="Checkpoint directory to write.")
-@click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def train_cmd(dataset, data_options, model, model_options, schedule, num_timesteps, prediction, unconditional,
-              p_uncond, steps, batch_size, lr, weight_decay, ema_decay, grad_clip, seed, checkpoint_every,
-              out, resume, overwrite, device, quiet) -> None:
-    """Train a noise predictor with L_simple (Algorithm 1) into a checkpoint directory."""
+def _train_options(default_model: str, default_steps: int):
+    """Options shared by train and train-classifier (one training loop behind both)."""
+    options = [
+        click.option("--dataset", default="digits", show_default=True,
+                     help="Dataset plugin name, a folder of images, or a .npy/.npz file."),
+        click.option("--data-option", "data_options", multiple=True, metavar="KEY=VALUE",
+                     help="Dataset option (repeatable)."),
+        click.option("--model", default=default_model, show_default=True, help="Network plugin."),
+        click.option("--model-option", "model_options", multiple=True, metavar="KEY=VALUE",
+                     help="Architecture option, e.g. base_channels=32 or channel_mult=[1,2]."),
+        click.option("--schedule", default="cosine", show_default=True),
+        click.option("--num-timesteps", "-T", default=1000, show_default=True, type=int),
+        click.option("--steps", default=default_steps, show_default=True, type=int, help="Total optimizer steps."),
+        click.option("--batch-size", default=128, show_default=True, type=int),
+        click.option("--lr", default=1e-3, show_default=True, type=float),
+        click.option("--weight-decay", default=0.0, show_default=True, type=float),
+        click.option("--ema-decay", default=0.999, show_default=True, type=float),
+        click.option("--grad-clip", default=1.0, show_default=True, type=float),
+        click.option("--seed", default=0, show_default=True, type=int),
+        click.option("--checkpoint-every", default=1000, show_default=True, type=int),
+        click.option("--out", required=True, type=click.Path(), help="Checkpoint directory to write."),
+        click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing --out."),
+        click.option("--device", default="cpu", show_default=True, help="cpu or cuda."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
+    ]
+
+    def decorate(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
+def _run_training(task: str, dataset, data_options, model, model_options, schedule, num_timesteps, steps,
+                  batch_size, lr, weight_decay, ema_decay, grad_clip, seed, checkpoint_every, out, resume,
+                  overwrite, device, quiet, **extra) -> None:
     from toolkit.training import TrainConfig, train
 
     name, dopts = _dataset_arg(dataset, parse_options(data_options, "--data-option"))
-    config = TrainConfig(dataset=name, dataset_options=dopts, model=model,
+    config = TrainConfig(task=task, dataset=name, dataset_options=dopts, model=model,
                          model_options=parse_options(model_options, "--model-option"), schedule=schedule,
-                         num_timesteps=num_timesteps, prediction=prediction,
-                         conditional=False if unconditional else None, p_uncond=p_uncond, steps=steps,
-                         batch_size=batch_size, lr=lr, weight_decay=weight_decay, ema_decay=ema_decay,
-                         grad_clip=grad_clip, seed=seed, checkpoint_every=checkpoint_every)
+                         num_timesteps=num_timesteps, steps=steps, batch_size=batch_size, lr=lr,
+                         weight_decay=weight_decay, ema_decay=ema_decay, grad_clip=grad_clip, seed=seed,
+                         checkpoint_every=checkpoint_every, **extra)
     command = command_line(click.get_current_context())
     with progress_bar(steps, "train", quiet) as bar:
         last = [0]
@@ -185,6 +196,25 @@ def train_cmd(dataset, data_options, model, model_options, schedule, num_timeste
                        command=command, progress=progress)
     click.echo(f"wrote {result.path} (step {result.step}, loss {result.loss:.4f}, "
                f"{result.steps_per_second:.1f} steps/s)")
+
+
+@cli.command("train")
+@_train_options("unet", 4000)
+@click.option("--prediction", type=click.Choice(["epsilon", "v", "x0"]), default="epsilon", show_default=True)
+@click.option("--unconditional", is_flag=True, help="Ignore the dataset's labels.")
+@click.option("--p-uncond", default=0.1, show_default=True, type=float,
+              help="Probability of replacing the label by the null label ∅ (classifier-free guidance).")
+def train_cmd(prediction, unconditional, p_uncond, **kwargs) -> None:
+    """Train a noise predictor with L_simple (Algorithm 1) into a checkpoint directory."""
+    _run_training("noise_predictor", prediction=prediction, conditional=False if unconditional else None,
+                  p_uncond=p_uncond, **kwargs)
+
+
+@cli.command("train-classifier")
+@_train_options("unet-encoder", 3000)
+def train_classifier_cmd(**kwargs) -> None:
+    """Train a noise-aware classifier p_φ(y | x_t, t) on data noised at random t (for classifier guidance)."""
+    _run_training("classifier", **kwargs)
 
 
 def parse_classes(text: str | None, n: int, num_classes: int | None) -> tuple[list[int] | None, int | None]:
@@ -219,6 +249,10 @@ def parse_classes(text: str | None, n: int, num_classes: int | None) -> tuple[li
               help="Any other sampler option (repeatable).")
 @click.option("--num-timesteps", "-T", type=int, default=None, help="T of the sampling schedule.")
 @click.option("--model", default=None, help="Checkpoint directory or pretrained name (default: digits).")
+@click.option("--guidance", default=None, help="Guidance plugin: cfg (classifier-free) or classifier.")
+@click.option("--scale", type=float, default=None,
+              help="Guidance scale: cfg weight w (0: conditional), classifier gradient scale s (0: unconditional).")
+@click.option("--classifier", default=None, help="Classifier checkpoint for --guidance classifier (default: shipped).")
 @click.option("--class", "class_", default=None, help="Label, comma list of labels, or 'all'.")
 @click.option("-n", "n", default=64, show_default=True, type=int, help="Number of samples.")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -226,8 +260,8 @@ def parse_classes(text: str | None, n: int, num_classes: int | None) -> tuple[li
 @click.option("--out", default="samples.png", show_default=True, type=click.Path(), help=".png grid or .npy array.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--quiet", "-q", is_flag=True)
-def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_options, num_timesteps, model, class_,
-                n, seed, batch_size, out, device, quiet) -> None:
+def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_options, num_timesteps, model, guidance,
+                scale, classifier, class_, n, seed, batch_size, out, device, quiet) -> None:
     """Compose a pipeline from named plugins and sample from it."""
     import toolkit
     from toolkit.images import check_output, save_samples
@@ -241,9 +275,21 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
     for key, value in (("eta", eta), ("spacing", spacing), ("variance", variance)):
         if value is not None:
             options[key] = value
-    pipe = toolkit.compose(schedule=schedule, sampler=sampler, model=model, steps=steps,
-                           num_timesteps=num_timesteps, device=device, batch_size=batch_size, **options)
+    guidance_options: dict[str, Any] = {}
+    if scale is not None:
+        if guidance is None:
+            raise ToolkitError("--scale needs --guidance")
+        guidance_options["scale"] = scale
+    if classifier is not None:
+        if guidance != "classifier":
+            raise ToolkitError("--classifier needs --guidance classifier")
+        guidance_options["classifier"] = classifier
+    pipe = toolkit.compose(schedule=schedule, sampler=sampler, model=model, guidance=guidance, steps=steps,
+                           num_timesteps=num_timesteps, device=device, batch_size=batch_size,
+                           guidance_options=guidance_options, **options)
     labels, nrow = parse_classes(class_, n, pipe.num_classes)
+    if guidance is not None and labels is None:
+        raise ToolkitError(f"--guidance {guidance} needs --class (a label, a comma list or 'all')")
     if labels is not None and nrow is not None:
         n = len(labels)
     batches = -(-n // batch_size)

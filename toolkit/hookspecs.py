@@ -17,6 +17,7 @@ HOOKS: dict[str, str] = {
     "sampler": "register_samplers",
     "guidance": "register_guidance",
     "model": "register_models",
+    "classifier": "register_classifiers",
     "dataset": "register_datasets",
     "latent": "register_latents",
     "pretrained": "register_pretrained",
@@ -41,6 +42,11 @@ def register_guidance(register):
 @hookspec
 def register_models(register):
     """Register network architectures: factory(sample_shape=..., num_classes=..., **options) -> NoisePredictor."""
+
+
+@hookspec
+def register_classifiers(register):
+    """Register noise-aware classifiers: factory(sample_shape=..., num_classes=..., **options) -> Classifier."""
 
 
 @hookspec

@@ -59,7 +59,16 @@ class Pipeline:
 
     @property
     def num_classes(self) -> int | None:
+        """Labels accepted: the guidance's (a classifier's classes) or the predictor's."""
+        if self.guidance is not None and getattr(self.guidance, "num_classes", None) is not None:
+            return self.guidance.num_classes
         return self.predictor.num_classes
+
+    @property
+    def mean_shift(self) -> bool:
+        """Guidance applied to the mean with the sampler's Σ (Algorithm 1) rather than in ε-space."""
+        return (self.guidance is not None and hasattr(self.guidance, "gradient")
+                and hasattr(self.sampler, "log_variance"))
 
     def model_times(self) -> Tensor | None:
         """Training-schedule time for each sampling-schedule t (None when the schedules agree)."""
@@ -67,11 +76,15 @@ class Pipeline:
             return None
         return diffusion.model_time(_log_snr(self.train_schedule), _log_snr(self.schedule))
 
-    def model_fn(self, labels: Tensor | None) -> ModelFn:
-        """(x_t, t) → ε (and the variance output) with time mapping, labels and guidance applied."""
-        predictor = self.guidance.wrap(self.predictor) if self.guidance is not None else self.predictor
+    def model_fn(self, labels: Tensor | None, scale: Tensor | float | None = None) -> ModelFn:
+        """(x_t, t) → ε (and the variance output) with time mapping, labels and ε-space guidance applied."""
+        predictor = self.predictor
+        if self.guidance is not None and not self.mean_shift:
+            predictor = self.guidance.wrap(self.predictor, scale)
+        elif self.guidance is not None:
+            labels = None  # mean shift: the model itself samples unconditionally (∅)
         times = self.model_times()
-        prediction = getattr(self.predictor, "prediction", "epsilon")
+        prediction = getattr(predictor, "prediction", "epsilon")
         schedule = self.schedule
         if times is not None:
             times = times.to(self.device, torch.float32)
@@ -91,10 +104,28 @@ class Pipeline:
 
         return fn
 
+    def sampler_for(self, labels: Tensor | None, scale: Tensor | float | None) -> Sampler:
+        """The sampler, wrapped to add the mean shift Σ·s∇log p(y|x_t) when the guidance asks for it."""
+        if not self.mean_shift:
+            return self.sampler
+        from toolkit.sampling import MeanShifted
+
+        times = self.model_times()
+        times = times.to(self.device, torch.float32) if times is not None else None
+        guidance = self.guidance
+        s = guidance.scale if scale is None else scale
+
+        def gradient_fn(x_t: Tensor, t: Tensor) -> Tensor:
+            return guidance.gradient(x_t, times[t] if times is not None else t, labels, s)
+
+        return MeanShifted(self.sampler, gradient_fn)
+
     def check_labels(self, n: int, labels: int | Sequence[int] | Tensor | None) -> Tensor | None:
         """Labels as a [n] long tensor (cycled if shorter), the null label when None, checked in range."""
         K = self.num_classes
         if labels is None:
+            if self.guidance is not None:
+                raise ToolkitError(f"{self.guidance.name} guidance needs class labels (--class)")
             return None if K is None else torch.full((n,), K, dtype=torch.long)
         if K is None:
             raise ToolkitError("this model is unconditional: it takes no class labels")
@@ -114,13 +145,15 @@ class Pipeline:
         labels: int | Sequence[int] | Tensor | None = None,
         noise: Tensor | None = None,
         *,
+        scale: float | Sequence[float] | Tensor | None = None,
         batch_size: int | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> Tensor:
         """n samples [n, *sample_shape] in [-1, 1]; sample i depends only on (seed, i, labels[i]).
 
         ``noise`` is an optional x_T of shape [n, *sample_shape]; the step noise still comes from
-        the per-sample streams of ``seed``.
+        the per-sample streams of ``seed``. ``scale`` overrides the guidance scale: one number, or
+        one per sample (a guidance sweep in one batch).
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ToolkitError(f"n must be a positive integer, got {n!r}")
@@ -128,6 +161,16 @@ class Pipeline:
         if noise is not None and tuple(noise.shape) != (n, *shape):
             raise ToolkitError(f"noise must have shape {(n, *shape)}, got {tuple(noise.shape)}")
         y = self.check_labels(n, labels)
+        scales = None
+        if scale is not None:
+            if self.guidance is None:
+                raise ToolkitError("scale given but the pipeline has no guidance")
+            scales = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
+            if scales.numel() not in (1, n):
+                raise ToolkitError(f"scale must be one number or one per sample ({n}), got {scales.numel()}")
+            if bool((scales < 0).any()):
+                raise ToolkitError("guidance scale must not be negative")
+            scales = scales.expand(n) if scales.numel() == 1 else scales
         bs = batch_size or self.batch_size
         out = []
         for start in range(0, n, bs):
@@ -137,8 +180,10 @@ class Pipeline:
             if noise is not None:
                 x_T = noise[start:stop].to(self.device, torch.float32)
             yb = y[start:stop].to(self.device) if y is not None else None
-            x0 = self.sampler.sample(self.model_fn(yb), self.schedule, x_T, steps=self.steps,
-                                     noise_fn=lambda i, s=streams: s.draw(), progress=progress)
+            sb = scales[start:stop].to(self.device) if scales is not None else None
+            sampler = self.sampler_for(yb, sb)
+            x0 = sampler.sample(self.model_fn(yb, sb), self.schedule, x_T, steps=self.steps,
+                                noise_fn=lambda i, s=streams: s.draw(), progress=progress)
             if self.latent is not None:
                 x0 = self.latent.decode(x0)
             if not torch.isfinite(x0).all():
@@ -205,6 +250,8 @@ def compose(
     if isinstance(schedule, str):
         T = num_timesteps or (train_schedule.num_timesteps if train_schedule is not None else 1000)
         schedule = create("schedule", schedule, num_timesteps=T, **(schedule_options or {}))
+    if guidance_obj is not None and hasattr(guidance_obj, "check"):
+        guidance_obj.check(predictor, train_schedule)
     if steps is None:
         steps = getattr(sampler_obj, "default_steps", None) or schedule.num_timesteps
     sampler_obj.timesteps(schedule, steps)  # validates steps against T now, not mid-run

@@ -92,12 +92,32 @@ class Sampler(Protocol):
 
 
 @runtime_checkable
+class Classifier(Protocol):
+    """A noise-aware classifier p_φ(y | x_t, t): ``__call__(x_t, t) -> logits [B, K]``."""
+
+    num_classes: int
+    sample_shape: tuple[int, ...]
+
+    def __call__(self, x_t: Tensor, t: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
 class Guidance(Protocol):
-    """Changes the model output at each step, in ε-space, by wrapping the predictor."""
+    """Changes the model output at each step by wrapping the predictor, so any sampler works with it.
+
+    ``wrap(predictor, scale)`` returns a NoisePredictor whose output is the guided one; ``scale`` is
+    a [B] tensor (one guidance scale per sample). The wrapped predictor receives the requested labels.
+
+    Optional, for guidance that steers the mean of p(x_{t-1}|x_t) (classifier guidance, Algorithm 1
+    of Dhariwal & Nichol): ``gradient(x_t, t, y, scale) -> s·∇ log p(y|x_t)``. A sampler that exposes
+    ``log_variance(out, x_t, t, t_prev, schedule)`` (ddpm) then gets the mean shift Σ·s·∇ added to
+    its step instead of the ε-space form. Optional ``num_classes`` (labels the guidance accepts) and
+    ``check(predictor, train_schedule)`` (raise ToolkitError when the guidance does not fit the model).
+    """
 
     name: str
 
-    def wrap(self, predictor: NoisePredictor) -> NoisePredictor: ...
+    def wrap(self, predictor: NoisePredictor, scale: Tensor) -> NoisePredictor: ...
 
 
 PROTOCOLS: dict[str, type] = {
@@ -105,4 +125,5 @@ PROTOCOLS: dict[str, type] = {
     "sampler": Sampler,
     "guidance": Guidance,
     "model": NoisePredictor,
+    "classifier": Classifier,
 }

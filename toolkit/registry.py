@@ -21,7 +21,8 @@ from toolkit.errors import PluginError
 ENTRY_POINT_GROUP = "toolkit.plugins"
 KINDS = tuple(hookspecs.HOOKS)
 _PLURALS = {"schedules": "schedule", "samplers": "sampler", "models": "model",
-            "datasets": "dataset", "latents": "latent", "guidances": "guidance"}
+            "datasets": "dataset", "latents": "latent", "guidances": "guidance",
+            "classifiers": "classifier"}
 
 
 @define(frozen=True)

@@ -73,3 +73,30 @@ def sample_loop(
         if progress is not None:
             progress(1)
     return x
+
+
+class MeanShifted:
+    """A sampler whose step adds Σ·g to the mean: x_{t-1} ~ N(μ + Σ·s∇log p(y|x_t), Σ) (Dhariwal & Nichol, Algorithm 1).
+
+    ``gradient_fn(x_t, t) -> s∇log p(y|x_t)``; Σ comes from the wrapped sampler's ``log_variance``.
+    The wrapped sampler does not know it is guided.
+    """
+
+    def __init__(self, base: Sampler, gradient_fn: Callable[[Tensor, Tensor], Tensor]):
+        self.base = base
+        self.gradient_fn = gradient_fn
+        self.name = base.name
+        self.stochastic = base.stochastic
+
+    def timesteps(self, schedule: Schedule, steps: int) -> Tensor:
+        return self.base.timesteps(schedule, steps)
+
+    def step(self, out: Tensor, x_t: Tensor, t: Tensor, t_prev: Tensor, schedule: Schedule,
+             noise: Tensor | None) -> Tensor:
+        x_prev = self.base.step(out, x_t, t, t_prev, schedule, noise)
+        variance = torch.exp(self.base.log_variance(out, x_t, t, t_prev, schedule))
+        return x_prev + variance * self.gradient_fn(x_t, t)
+
+    def sample(self, model_fn: ModelFn, schedule: Schedule, x_T: Tensor, *, steps: int, noise_fn: NoiseFn,
+               progress: Callable[[int], None] | None = None) -> Tensor:
+        return sample_loop(self, model_fn, schedule, x_T, steps=steps, noise_fn=noise_fn, progress=progress)

@@ -1,4 +1,5 @@
-"""Training a noise predictor with Algorithm 1 of Ho et al. (L_simple), AdamW, EMA and atomic checkpoints."""
+"""One training loop (AdamW, warm-up, EMA, clipping, atomic checkpoints, exact resume) for every task:
+a noise predictor with Algorithm 1 of Ho et al. (L_simple), or a noise-aware classifier p_φ(y|x_t, t)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from attrs import asdict, define, field
+from attrs import asdict, define, field, validators
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -20,6 +22,7 @@ from toolkit.errors import CheckpointError, ToolkitError
 from toolkit.noise import sample_seed
 from toolkit.registry import create
 
+TASKS = ("noise_predictor", "classifier")
 SYNC_EVERY = 10  # steps between reading the loss back (progress bar, divergence check)
 
 
@@ -37,6 +40,7 @@ def _unit(instance, attribute, value) -> None:
 class TrainConfig:
     """Everything that defines a training run; recorded in the checkpoint's config.json."""
 
+    task: str = field(default="noise_predictor", validator=validators.in_(TASKS))
     dataset: str = "digits"
     dataset_options: dict[str, Any] = field(factory=dict)
     model: str = "unet"
@@ -91,6 +95,14 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor]) -> N
 
 def build(config: TrainConfig, data: ArrayDataset) -> nn.Module:
     """The network the config describes, shaped for the data."""
+    if config.task == "classifier":
+        if data.y is None:
+            raise ToolkitError(f"dataset {data.name!r} has no labels: it cannot train a classifier")
+        model = create("classifier", config.model, **{**config.model_options, "sample_shape": data.sample_shape,
+                                                         "num_classes": data.num_classes})
+        if not isinstance(model, nn.Module):
+            raise ToolkitError(f"classifier {config.model!r} is not a torch.nn.Module and cannot be trained")
+        return model
     conditional = config.conditional if config.conditional is not None else data.y is not None
     if conditional and data.y is None:
         raise ToolkitError(f"dataset {data.name!r} has no labels: it cannot train a class-conditional model")
@@ -117,6 +129,11 @@ def loss_simple(model: nn.Module, schedule, x0: Tensor, t: Tensor, noise: Tensor
     else:
         target = x0
     return (pred - target).pow(2).mean()
+
+
+def loss_classifier(model: nn.Module, schedule, x0: Tensor, t: Tensor, noise: Tensor, y: Tensor) -> Tensor:
+    """Cross-entropy of p_φ(y | x_t, t) on data noised to a uniformly drawn t (Dhariwal & Nichol)."""
+    return F.cross_entropy(model(diffusion.q_sample(schedule, x0, t, noise), t), y)
 
 
 def train(
@@ -146,7 +163,7 @@ def train(
     if resume and out.exists():
         saved = checkpoint.read_config(out)
         old = saved.get("training", {}).get("config", {})
-        for key in ("dataset", "dataset_options", "model", "model_options", "schedule", "num_timesteps",
+        for key in ("task", "dataset", "dataset_options", "model", "model_options", "schedule", "num_timesteps",
                     "prediction", "conditional"):
             if key in old and old[key] != config.to_json()[key] and not (key == "conditional" and config.conditional is None):
                 raise CheckpointError(f"cannot resume {str(out)!r}: it was trained with {key}={old[key]!r}, "
@@ -160,6 +177,7 @@ def train(
     schedule = create("schedule", config.schedule, num_timesteps=config.num_timesteps)
     torch.manual_seed(config.seed)
     model = build(config, data).to(device)
+    classifier = config.task == "classifier"
     conditional = model.num_classes is not None
     config = TrainConfig(**{**config.to_json(), "conditional": conditional})
     ema = _ema(model, config.ema_decay)
@@ -180,14 +198,13 @@ def train(
         return config.lr * min(1.0, (step + 1) / max(1, config.warmup))
 
     def save(step: int, loss: float, elapsed: float) -> None:
+        options = {**config.model_options, "sample_shape": list(data.sample_shape), "num_classes": model.num_classes}
+        if not classifier:
+            options.update(learned_variance=model.learned_variance, prediction=config.prediction)
         cfg = {
-            "kind": "noise_predictor",
+            "kind": config.task,
             "toolkit_version": __version__,
-            "model": {"name": config.model, "options": {**config.model_options,
-                                                         "sample_shape": list(data.sample_shape),
-                                                         "num_classes": model.num_classes,
-                                                         "learned_variance": model.learned_variance,
-                                                         "prediction": config.prediction}},
+            "model": {"name": config.model, "options": options},
             "schedule": {"name": config.schedule, "options": {"num_timesteps": config.num_timesteps}},
             "data": {"dataset": config.dataset, "options": config.dataset_options, "name": data.name,
                      "shape": list(data.sample_shape), "num_classes": data.num_classes, "levels": data.levels,
@@ -218,12 +235,14 @@ def train(
         drop = torch.rand(config.batch_size, generator=g) < config.p_uncond
         x0 = x_all[idx.to(device)]
         y = None
-        if conditional:
+        if classifier:
+            y = y_all[idx.to(device)]
+        elif conditional:
             y = torch.where(drop.to(device), torch.full_like(y_all[idx.to(device)], model.num_classes),
                             y_all[idx.to(device)])
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        loss = loss_simple(model, schedule, x0, t.to(device), noise.to(device), y)
+        loss = (loss_classifier if classifier else loss_simple)(model, schedule, x0, t.to(device), noise.to(device), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip > 0:

@@ -2,6 +2,7 @@
 
 from toolkit.hookspecs import hookimpl
 
+from .classifier import NoisyClassifier
 from .mlp import MLP
 from .unet import UNet
 
@@ -12,4 +13,9 @@ def register_models(register):
     register("mlp", MLP)
 
 
-__all__ = ["MLP", "UNet"]
+@hookimpl
+def register_classifiers(register):
+    register("unet-encoder", NoisyClassifier)
+
+
+__all__ = ["MLP", "NoisyClassifier", "UNet"]

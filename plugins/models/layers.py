@@ -30,7 +30,7 @@ class ConditionEmbedding(nn.Module):
         self.label = nn.Embedding(num_classes + 1, dim) if num_classes else None
 
     def forward(self, t: Tensor, y: Tensor | None) -> Tensor:
-        emb = self.mlp(timestep_embedding(t, self.base))
+        emb = self.mlp(timestep_embedding(t, self.base).to(self.mlp[0].weight.dtype))
         if self.label is not None:
             if y is None:  # unconditional: the null label ∅
                 y = torch.full((t.shape[0],), self.num_classes, dtype=torch.long, device=t.device)

@@ -18,3 +18,5 @@ def _shipped(name: str):
 def register_pretrained(register):
     # digits: class-conditional UNet on the 8×8 digits, cosine schedule; see its config.json.
     register("digits", _shipped("digits"))
+    # digits-classifier: noise-aware classifier p(y | x_t, t) for classifier guidance of the digits model.
+    register("digits-classifier", _shipped("digits-classifier"))

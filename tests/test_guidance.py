@@ -1,0 +1,162 @@
+import pytest
+import torch
+from click.testing import CliRunner
+
+import toolkit
+from toolkit.cli import cli
+from toolkit.sampling import MeanShifted
+
+
+def test_cfg_w0_equals_conditional_sampling(tiny_ckpt):
+    plain = toolkit.compose(model=tiny_ckpt, sampler="ddim", steps=5)
+    guided = toolkit.compose(model=tiny_ckpt, sampler="ddim", steps=5, guidance="cfg",
+                             guidance_options={"scale": 0.0})
+    a = plain.sample(4, seed=2, labels=[3, 1])
+    b = guided.sample(4, seed=2, labels=[3, 1])
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_cfg_batched_equals_two_calls(tiny_ckpt):
+    model = toolkit.load_checkpoint(tiny_ckpt).model
+    guided = toolkit.create("guidance", "cfg", scale=2.5).wrap(model)
+    x = torch.randn(3, 1, 8, 8)
+    t = torch.tensor([10, 500, 900])
+    y = torch.tensor([1, 7, 9])
+    null = torch.full_like(y, 10)
+    expect = 3.5 * model(x, t, y) - 2.5 * model(x, t, null)
+    assert torch.allclose(guided(x, t, y), expect, atol=1e-5)
+
+
+def test_cfg_per_sample_scale(tiny_ckpt):
+    pipe = toolkit.compose(model=tiny_ckpt, sampler="ddpm", steps=6, guidance="cfg")
+    sweep = pipe.sample(3, seed=1, labels=[4, 4, 4], scale=[0.0, 1.0, 5.0])
+    for i, w in enumerate([0.0, 1.0, 5.0]):
+        one = pipe.sample(3, seed=1, labels=[4, 4, 4], scale=w)
+        assert torch.allclose(sweep[i], one[i], atol=1e-5)
+    assert not torch.allclose(sweep[0], sweep[2])
+
+
+def test_classifier_gradient_matches_finite_differences(tiny_classifier):
+    g = toolkit.create("guidance", "classifier", classifier=str(tiny_classifier))
+    g.model.double()
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    t = torch.tensor([100, 600])
+    y = torch.tensor([3, 8])
+    grad = g.gradient(x, t, y, 2.0)
+
+    def log_p(z):
+        return torch.log_softmax(g.model(z, t), -1)[torch.arange(2), y].sum()
+
+    h = 1e-5
+    for idx in [(0, 0, 3, 4), (1, 0, 0, 0), (1, 0, 7, 2)]:
+        e = torch.zeros_like(x)
+        e[idx] = h
+        fd = (log_p(x + e) - log_p(x - e)) / (2 * h)
+        assert grad[idx].item() == pytest.approx(2.0 * fd.item(), rel=1e-5, abs=1e-8)
+
+
+def test_eps_hat_formula(tiny_ckpt, tiny_classifier):
+    """ε̂ = ε_θ(x_t, ∅) − √(1−ᾱ_t)·s·∇ log p_φ(y|x_t), ᾱ from the cosine schedule written out here."""
+    import math
+
+    model = toolkit.load_checkpoint(tiny_ckpt).model
+    guidance = toolkit.create("guidance", "classifier", classifier=str(tiny_classifier), scale=3.0)
+    x = torch.randn(2, 1, 8, 8)
+    t = torch.tensor([250, 700])
+    y = torch.tensor([2, 5])
+    got = guidance.wrap(model)(x, t, y)
+    f = lambda s: math.cos((s / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    a = torch.tensor([f(250 + 1) / f(0), f(700 + 1) / f(0)]).reshape(-1, 1, 1, 1)
+    expect = model(x, t, None) - (1 - a).sqrt().float() * guidance.gradient(x, t, y, 3.0)
+    assert torch.allclose(got, expect, atol=1e-5)
+
+
+def test_ddpm_mean_shift_is_algorithm_1(tiny_classifier):
+    """x_{t-1} = μ + s·Σ·∇ log p(y|x_t) (+ σz), Σ = β̃ written out from the schedule."""
+    sched = toolkit.create("schedule", "cosine", num_timesteps=1000)
+    ddpm = toolkit.create("sampler", "ddpm", variance="posterior")
+    grad = torch.randn(2, 1, 8, 8)
+    shifted = MeanShifted(ddpm, lambda x, t: grad)
+    x = torch.randn(2, 1, 8, 8)
+    eps = torch.randn(2, 1, 8, 8)
+    t, tp = torch.tensor([600, 600]), torch.tensor([599, 599])
+    a, ap, beta = sched.alphas_cumprod[600], sched.alphas_cumprod[599], sched.betas[600]
+    sigma2 = ((1 - ap) / (1 - a) * beta).float()
+    mean = ddpm.step(eps, x, t, tp, sched, None)
+    assert torch.allclose(shifted.step(eps, x, t, tp, sched, None), mean + sigma2 * grad, atol=1e-6)
+
+
+def test_pipeline_uses_mean_shift_for_ddpm_only(tiny_ckpt, tiny_classifier):
+    opts = {"classifier": str(tiny_classifier)}
+    ddpm = toolkit.compose(model=tiny_ckpt, sampler="ddpm", steps=3, guidance="classifier", guidance_options=opts)
+    ddim = toolkit.compose(model=tiny_ckpt, sampler="ddim", steps=3, guidance="classifier", guidance_options=opts)
+    assert ddpm.mean_shift and not ddim.mean_shift
+
+
+@pytest.mark.parametrize("sampler", toolkit.available("sampler"))
+@pytest.mark.parametrize("guidance", ["cfg", "classifier"])
+def test_guidance_with_every_sampler(tiny_ckpt, tiny_classifier, sampler, guidance):
+    opts = {"classifier": str(tiny_classifier)} if guidance == "classifier" else {}
+    pipe = toolkit.compose(model=tiny_ckpt, sampler=sampler, steps=4, guidance=guidance,
+                           guidance_options={**opts, "scale": 2.0})
+    x = pipe.sample(3, seed=0, labels=[0, 5, 9])
+    assert x.shape == (3, 1, 8, 8) and torch.isfinite(x).all()
+
+
+def test_classifier_scale_zero_is_unconditional(tiny_ckpt, tiny_classifier):
+    for sampler in ("ddim", "ddpm"):
+        plain = toolkit.compose(model=tiny_ckpt, sampler=sampler, steps=4)
+        guided = toolkit.compose(model=tiny_ckpt, sampler=sampler, steps=4, guidance="classifier",
+                                 guidance_options={"classifier": str(tiny_classifier), "scale": 0.0})
+        assert torch.allclose(plain.sample(2, seed=3), guided.sample(2, seed=3, labels=[1, 2]), atol=1e-5)
+
+
+def test_guidance_errors(tiny_ckpt, tiny_classifier, tmp_path):
+    with pytest.raises(toolkit.ToolkitError, match="must not be negative"):
+        toolkit.create("guidance", "cfg", scale=-1)
+    pipe = toolkit.compose(model=tiny_ckpt, steps=2, guidance="cfg")
+    with pytest.raises(toolkit.ToolkitError, match="needs class labels"):
+        pipe.sample(2)
+    with pytest.raises(toolkit.ToolkitError, match="out of range"):
+        pipe.sample(2, labels=10)
+    from toolkit.training import TrainConfig, train
+
+    toy = tmp_path / "toy"
+    train(TrainConfig(dataset="moons", model="mlp", steps=1, batch_size=8), toy)
+    with pytest.raises(toolkit.ToolkitError, match="cfg needs a class-conditional model"):
+        toolkit.compose(model=toy, steps=2, guidance="cfg")
+    with pytest.raises(toolkit.ToolkitError, match="data shape"):
+        toolkit.compose(model=toy, steps=2, guidance="classifier",
+                        guidance_options={"classifier": str(tiny_classifier)})
+    short = tmp_path / "short"
+    train(TrainConfig(task="classifier", model="unet-encoder", num_timesteps=500, steps=1, batch_size=8,
+                      model_options={"base_channels": 8, "attention_heads": 2}), short)
+    with pytest.raises(toolkit.ToolkitError, match="T=500"):
+        toolkit.compose(model=tiny_ckpt, steps=2, guidance="classifier", guidance_options={"classifier": str(short)})
+
+
+def test_cli_guidance(tiny_ckpt, tiny_classifier, tmp_path):
+    run = CliRunner().invoke
+    out = tmp_path / "g.npy"
+    r = run(cli, ["compose", "--model", str(tiny_ckpt), "--guidance", "cfg", "--scale", "3", "--class", "7",
+                  "--steps", "3", "-n", "2", "--out", str(out)])
+    assert r.exit_code == 0, r.stderr
+    r = run(cli, ["compose", "--model", str(tiny_ckpt), "--guidance", "classifier", "--classifier",
+                  str(tiny_classifier), "--scale", "10", "--class", "all", "--steps", "3", "-n", "10",
+                  "--out", str(out)])
+    assert r.exit_code == 0, r.stderr
+    for args, msg in [(["--guidance", "cfg"], "needs --class"),
+                      (["--guidance", "cfg", "--class", "12"], "out of range"),
+                      (["--guidance", "cfg", "--scale", "-2", "--class", "1"], "must not be negative"),
+                      (["--scale", "2"], "--scale needs --guidance")]:
+        r = run(cli, ["compose", "--model", str(tiny_ckpt), "--steps", "2", "-n", "2", "--out", str(out), *args])
+        assert r.exit_code == 2 and msg in r.stderr, r.stderr
+
+
+def test_train_classifier_cli(tmp_path):
+    r = CliRunner().invoke(cli, ["train-classifier", "--model-option", "base_channels=8", "--model-option",
+                                 "attention_heads=2", "--steps", "2", "--batch-size", "8", "--out",
+                                 str(tmp_path / "c")])
+    assert r.exit_code == 0, r.stderr
+    ckpt = toolkit.load_checkpoint(tmp_path / "c")
+    assert ckpt.kind == "classifier" and ckpt.model.num_classes == 10
