@@ -1,9 +1,12 @@
 import os
 
-import pytest
-import torch
-
+# One thread per process: the suite is small-tensor bound, and OpenMP threads spinning on a shared
+# 2-core machine (pytest plus a `toolkit` subprocess) slow everything down many times over.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOOLKIT_STRICT_PLUGINS", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

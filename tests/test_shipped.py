@@ -24,6 +24,20 @@ def test_shipped_checkpoint_is_small_and_records_its_command():
     assert cfg["training"]["command"].startswith("toolkit train ")
     assert cfg["model"]["options"]["num_classes"] == 10 and cfg["schedule"]["name"] == "cosine"
     assert not (path / "training_state.safetensors").exists()
+    shipped = sum(f.stat().st_size for name in toolkit.available("pretrained")
+                  for f in Path(resolve_checkpoint(name)).iterdir())
+    assert shipped <= 4 * 1024 * 1024  # everything shipped so far
+
+
+def test_shipped_classifier_steers_the_unconditional_model():
+    data = toolkit.create("dataset", "digits")
+    labels = torch.arange(10).repeat(5)
+    plain = toolkit.compose(sampler="ddim", steps=20).sample(50, seed=0)  # unconditional (∅)
+    guided = toolkit.compose(sampler="ddim", steps=20, guidance="classifier",
+                             guidance_options={"scale": 10.0}).sample(50, seed=0, labels=labels)
+    hit_plain = (nearest_class_mean(plain, data) == labels).float().mean().item()
+    hit_guided = (nearest_class_mean(guided, data) == labels).float().mean().item()
+    assert hit_plain < 0.3 and hit_guided >= 0.7, (hit_plain, hit_guided)
 
 
 def test_shipped_model_draws_requested_digits_with_variety():
