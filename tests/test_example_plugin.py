@@ -1,0 +1,64 @@
+"""The example plugin, installed with pip into this environment for real, then removed again."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "toolkit-plugin-example"
+
+
+def pip(*args):
+    return subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def toolkit(*args):
+    env = {**os.environ, "TOOLKIT_STRICT_PLUGINS": "1"}
+    return subprocess.run([sys.executable, "-m", "toolkit", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+@pytest.fixture(scope="module")
+def installed():
+    if pip("show", "toolkit-plugin-example").returncode == 0:
+        pytest.skip("toolkit-plugin-example is already installed here; not touching it")
+    # no network: no index, no build isolation, no dependencies (the toolkit is already here)
+    r = pip("install", "--no-index", "--no-build-isolation", "--no-deps", str(EXAMPLE))
+    assert r.returncode == 0, r.stdout + r.stderr
+    yield
+    r = pip("uninstall", "-y", "toolkit-plugin-example")
+    assert r.returncode == 0, r.stderr
+
+
+def test_listed_with_distribution_and_version(installed):
+    r = toolkit("plugins", "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    samplers = {e["name"]: e for e in data["plugins"]["sampler"]}
+    schedules = {e["name"]: e for e in data["plugins"]["schedule"]}
+    assert samplers["euler"]["dist"] == "toolkit-plugin-example" and samplers["euler"]["version"] == "0.1.0"
+    assert schedules["sigmoid"]["dist"] == "toolkit-plugin-example"
+    assert data["failed"] == []
+
+
+def test_compose_with_the_plugin(installed, tmp_path):
+    out = tmp_path / "e.npy"
+    r = toolkit("compose", "--sampler", "euler", "--schedule", "sigmoid", "--steps", 10, "-n", 4, "--class", 3,
+                "--out", out)
+    assert r.returncode == 0, r.stderr
+    x = np.load(out)
+    assert x.shape == (4, 1, 8, 8) and np.isfinite(x).all()
+    r = toolkit("compose", "--sampler", "toolkit-plugin-example:euler", "--steps", 5, "-n", 2, "--out", out)
+    assert r.returncode == 0, r.stderr
+
+
+def test_plugin_own_tests_pass(installed):
+    """Its tests use toolkit.testing (conformance, including a step torch.export can trace)."""
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLE / "tests")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
