@@ -16,8 +16,8 @@ from toolkit.protocols import NoisePredictor
 
 
 def _non_negative(instance, attribute, value) -> None:
-    if value < 0:
-        raise ToolkitError(f"guidance scale must not be negative, got {value}")
+    if not value >= 0:  # also rejects NaN
+        raise ToolkitError(f"guidance scale must not be negative (or NaN), got {value}")
 
 
 def _per_sample(scale: Tensor | float, like: Tensor) -> Tensor:
@@ -81,6 +81,9 @@ class ClassifierFree:
         if getattr(predictor, "num_classes", None) is None:
             raise ToolkitError("cfg needs a class-conditional model with a null label ∅ (trained with --p-uncond > 0); "
                                "this model is unconditional")
+        if getattr(predictor, "null_label_trained", True) is False:
+            raise ToolkitError("cfg needs a model whose null label ∅ was trained (--p-uncond > 0); "
+                               "this model was trained with --p-uncond 0")
 
     def wrap(self, predictor: NoisePredictor, scale: Tensor | float | None = None) -> NoisePredictor:
         self.check(predictor)
@@ -159,9 +162,14 @@ class ClassifierGuidance:
         K = getattr(predictor, "num_classes", None)
         if K is not None and K != clf.num_classes:
             raise ToolkitError(f"classifier has {clf.num_classes} classes but the model has {K}")
-        T = self._loaded.schedule.num_timesteps
-        if train_schedule is not None and train_schedule.num_timesteps != T:
-            raise ToolkitError(f"classifier was trained with T={T} but the model with T={train_schedule.num_timesteps}")
+        mine = self._loaded.schedule
+        if train_schedule is not None:
+            if train_schedule.num_timesteps != mine.num_timesteps:
+                raise ToolkitError(f"classifier was trained with T={mine.num_timesteps} but the model with "
+                                   f"T={train_schedule.num_timesteps}")
+            if not torch.allclose(train_schedule.alphas_cumprod.double(), mine.alphas_cumprod.double(), atol=1e-9):
+                raise ToolkitError(f"classifier was trained with the {mine.name} schedule but the model with "
+                                   f"{getattr(train_schedule, 'name', 'another')}; train them with the same schedule")
 
     def gradient(self, x_t: Tensor, t: Tensor, y: Tensor | None, scale: Tensor | float) -> Tensor:
         """s·∇_{x_t} log p_φ(y | x_t, t)."""

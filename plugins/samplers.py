@@ -58,13 +58,22 @@ class DDPM:
         return spaced_timesteps(schedule.num_timesteps, check_steps(schedule, steps), self.spacing)
 
     def log_variance(self, out: Tensor, x_t: Tensor, t: Tensor, t_prev: Tensor, schedule: Schedule) -> Tensor:
-        """log σ² of p(x_{t_prev} | x_t): the Σ that Algorithm 2 and classifier guidance use."""
+        """log σ² of p(x_{t_prev} | x_t): the Σ that Algorithm 2 and classifier guidance use.
+
+        At the final step (t_prev = -1) β̃ is 0; as in guided-diffusion, log β̃ there is clipped to the
+        β̃ of the step t+1 → t, so the guidance mean shift Σ·s∇ does not vanish (no noise is added).
+        """
         _, v = _split(out, x_t)
-        beta = step_beta(schedule, t, t_prev, x_t)
-        a_t, a_prev = alpha_bar(schedule, t, x_t), alpha_bar(schedule, t_prev, x_t)
+        f64 = torch.float64
+        a_t, a_prev = alpha_bar(schedule, t, x_t, f64), alpha_bar(schedule, t_prev, x_t, f64)
+        beta = 1 - a_t / a_prev
         beta_tilde = (1 - a_prev) / (1 - a_t) * beta
-        # log β̃ is clipped away from -inf at the final step, where no noise is added anyway.
-        log_tilde = torch.log(beta_tilde.clamp(min=1e-20))
+        t_next = (t + 1).clamp(max=schedule.num_timesteps - 1)
+        a_next = alpha_bar(schedule, t_next, x_t, f64)
+        beta_tilde_next = (1 - a_t) / (1 - a_next).clamp(min=1e-20) * (1 - a_next / a_t)
+        final = (t_prev < 0).reshape(beta.shape)
+        log_tilde = torch.log(torch.where(final, beta_tilde_next, beta_tilde).clamp(min=1e-20))
+        log_beta = torch.log(beta)
         mode = self.variance
         if mode == "auto":
             mode = "learned" if v is not None else "posterior"
@@ -72,10 +81,10 @@ class DDPM:
             if v is None:
                 raise ToolkitError("ddpm variance='learned' needs a model with learned variance (2C outputs)")
             frac = (v + 1) / 2  # network output in [-1, 1] → v in [0, 1]
-            return frac * torch.log(beta) + (1 - frac) * log_tilde
+            return frac * log_beta.to(x_t.dtype) + (1 - frac) * log_tilde.to(x_t.dtype)
         if mode == "beta":
-            return torch.log(beta).expand_as(x_t)
-        return log_tilde.expand_as(x_t)
+            return log_beta.to(x_t.dtype).expand_as(x_t)
+        return log_tilde.to(x_t.dtype).expand_as(x_t)
 
     def step(self, out: Tensor, x_t: Tensor, t: Tensor, t_prev: Tensor, schedule: Schedule,
              noise: Tensor | None) -> Tensor:
@@ -85,7 +94,7 @@ class DDPM:
         if noise is None:
             return mean
         std = torch.exp(0.5 * self.log_variance(out, x_t, t, t_prev, schedule))
-        nonzero = (t_prev >= 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
+        nonzero = (t_prev >= 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))  # no noise at the last step
         return mean + nonzero * std * noise
 
     def sample(self, model_fn: ModelFn, schedule: Schedule, x_T: Tensor, *, steps: int,
@@ -120,18 +129,20 @@ class DDIM:
         return spaced_timesteps(schedule.num_timesteps, check_steps(schedule, steps), self.spacing)
 
     def sigma(self, t: Tensor, t_prev: Tensor, schedule: Schedule, like: Tensor) -> Tensor:
-        a_t, a_prev = alpha_bar(schedule, t, like), alpha_bar(schedule, t_prev, like)
+        """σ_{τ_i}(η), in float64."""
+        a_t, a_prev = alpha_bar(schedule, t, like, torch.float64), alpha_bar(schedule, t_prev, like, torch.float64)
         return self.eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
 
     def step(self, out: Tensor, x_t: Tensor, t: Tensor, t_prev: Tensor, schedule: Schedule,
              noise: Tensor | None) -> Tensor:
         eps, _ = _split(out, x_t)
         x0, eps = _x0_eps(schedule, x_t, t, eps, self.clip_x0)
-        a_prev = alpha_bar(schedule, t_prev, x_t)
+        a_prev = alpha_bar(schedule, t_prev, x_t, torch.float64)
         sigma = self.sigma(t, t_prev, schedule, x_t)
-        x_prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
+        dir_coef = (1 - a_prev - sigma**2).clamp(min=0).sqrt()  # "direction pointing to x_t"
+        x_prev = a_prev.sqrt().to(x_t.dtype) * x0 + dir_coef.to(x_t.dtype) * eps
         if noise is not None and self.eta > 0:
-            x_prev = x_prev + sigma * noise
+            x_prev = x_prev + sigma.to(x_t.dtype) * noise
         return x_prev
 
     def sample(self, model_fn: ModelFn, schedule: Schedule, x_T: Tensor, *, steps: int,

@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS="" . scripts/setup.sh
-toolkit compose --schedule cosine --sampler ddim --steps 50 -n 64 --class all --out samples.png "$@"
+toolkit compose --schedule cosine --sampler ddim --steps 50 -n 100 --class all --out samples.png "$@"

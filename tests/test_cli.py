@@ -2,9 +2,11 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -28,9 +30,10 @@ def test_plugins_json():
     r = run("plugins", "--json")
     assert r.exit_code == 0
     data = json.loads(r.output)
-    names = {e["name"]: e for e in data["plugins"]["sampler"]}
-    assert set(names) == {"ddim", "ddpm"} and names["ddim"]["dist"] == "diffusion-toolkit"
-    assert data["failed"] == []
+    names = {e["name"]: e for e in data["plugins"]["sampler"] if e["dist"] == "diffusion-toolkit"}
+    assert set(names) == {"ddim", "ddpm"} and names["ddim"]["version"] == "0.1.0"
+    assert {"cfg", "classifier"} <= {e["name"] for e in data["plugins"]["guidance"]}
+    assert {"digits", "digits-classifier"} <= {e["name"] for e in data["plugins"]["pretrained"]}
     assert "cosine" in run("plugins").output
 
 
@@ -57,6 +60,9 @@ def test_train_compose_resume(tmp_path):
     assert r.exit_code == 0, r.stderr
     img = Image.open(png)
     assert img.size[0] >= 8 * 3 * 8  # scaled up so 8×8 digits are visible
+    umask = os.umask(0)
+    os.umask(umask)
+    assert png.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, not mkstemp's 0600
     npy = tmp_path / "s.npy"
     r = run("compose", "--model", out, "--sampler", "ddpm", "--schedule", "linear", "--steps", 7, "-n", 4,
             "--out", npy)
@@ -76,8 +82,12 @@ def test_same_seed_same_file(tmp_path, tiny_ckpt):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--sampler", "nope"], "unknown sampler 'nope'; available: ddim, ddpm"),
-    (["--schedule", "nope"], "unknown schedule 'nope'; available: cosine, linear"),
+    (["--sampler", "nope"], "unknown sampler 'nope'; available: "),
+    (["--schedule", "nope"], "unknown schedule 'nope'; available: "),
+    (["--device", "gpu"], "unknown device 'gpu'"),
+    (["--spacing", "bogus"], "spacing"),
+    (["--sampler-option", "variance=bogus"], "variance"),
+    (["-T", "0"], "num_timesteps must be a positive integer"),
     (["--steps", "0"], "steps must be an integer in 1..1000"),
     (["--steps", "1001"], "steps must be an integer in 1..1000"),
     (["--eta", "1.5"], "eta must lie in [0, 1]"),
@@ -112,6 +122,28 @@ def test_output_folder_must_exist(tmp_path, tiny_ckpt):
     one_line_error(run("train", "--steps", 1, "--out", tmp_path / "no" / "ck"), "does not exist")
 
 
+def test_train_bad_input(tmp_path):
+    one_line_error(run("train", "--model-option", "channel_mult=abc", "--steps", 1, "--out", tmp_path / "m"), "unet")
+    one_line_error(run("train", "--device", "gpu", "--steps", 1, "--out", tmp_path / "m"), "unknown device")
+    one_line_error(run("train", "--steps", 1, "--out", tmp_path / "m", "--resume"), "cannot resume")
+    assert not (tmp_path / "m").exists()
+
+
+def test_resume_gives_the_same_weights_as_one_run(tmp_path):
+    from safetensors.torch import load_file
+
+    common = [*TINY, "--batch-size", 8, "--checkpoint-every", 2]
+    assert run("train", *common, "--steps", 4, "--out", tmp_path / "one").exit_code == 0
+    assert run("train", *common, "--steps", 2, "--out", tmp_path / "two").exit_code == 0
+    assert run("train", *common, "--steps", 4, "--out", tmp_path / "two", "--resume").exit_code == 0
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    cfg = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert len(cfg["training"]["commands"]) == 2 and "--resume" not in cfg["training"]["command"]
+    one_line_error(run("train", *common, "--lr", "0.5", "--steps", 6, "--out", tmp_path / "two", "--resume"),
+                   "cannot resume")
+
+
 def test_model_shape_must_fit_data(tmp_path):
     one_line_error(run("train", "--dataset", "moons", "--model", "unet", "--steps", 1, "--out", tmp_path / "m"),
                    "unet needs image data")
@@ -132,7 +164,11 @@ def test_mlp_on_toy_data(tmp_path):
 
 def test_console_script_exit_status(tmp_path):
     """The installed `toolkit` command: one line on stderr, exit status 2, no traceback."""
-    r = subprocess.run([sys.executable, "-m", "toolkit", "compose", "--sampler", "nope", "--out",
-                        str(tmp_path / "a.png")], capture_output=True, text=True, timeout=120)
+    script = Path(sys.executable).with_name("toolkit")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "toolkit"]
+    r = subprocess.run([*command, "compose", "--sampler", "nope", "--out", str(tmp_path / "a.png")],
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == ["error: unknown sampler 'nope'; available: ddim, ddpm"]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown sampler 'nope'; available: ")
+    assert not (tmp_path / "a.png").exists()

@@ -160,3 +160,105 @@ def test_train_classifier_cli(tmp_path):
     assert r.exit_code == 0, r.stderr
     ckpt = toolkit.load_checkpoint(tmp_path / "c")
     assert ckpt.kind == "classifier" and ckpt.model.num_classes == 10
+
+
+def test_cfg_is_one_batched_forward(tiny_ckpt):
+    model = toolkit.load_checkpoint(tiny_ckpt).model
+    calls = []
+    handle = model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    try:
+        toolkit.create("guidance", "cfg", scale=2.0).wrap(model)(torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3]),
+                                                                torch.tensor([0, 1, 2]))
+    finally:
+        handle.remove()
+    assert calls == [6]  # conditional and null rows together
+
+
+@pytest.mark.parametrize("guidance", ["cfg", "classifier"])
+def test_guided_sample_i_does_not_depend_on_batch(tiny_ckpt, tiny_classifier, guidance):
+    opts = {"classifier": str(tiny_classifier)} if guidance == "classifier" else {}
+    pipe = toolkit.compose(model=tiny_ckpt, sampler="ddpm", steps=4, guidance=guidance,
+                           guidance_options={**opts, "scale": 3.0})
+    a = pipe.sample(5, seed=7, labels=[1, 2, 3, 4, 5])
+    b = pipe.sample(5, seed=7, labels=[1, 2, 3, 4, 5], batch_size=2)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_pipeline_ddpm_step_adds_sigma_times_gradient(tiny_ckpt, tiny_classifier):
+    """The pipeline's guided ddpm step = the unguided step + Σ·s∇log p(y|x_t), at every step incl. the last."""
+    pipe = toolkit.compose(model=tiny_ckpt, sampler="ddpm", steps=3, guidance="classifier",
+                           guidance_options={"classifier": str(tiny_classifier), "scale": 5.0})
+    y = torch.tensor([3, 6])
+    sampler = pipe.sampler_for(y, None)
+    x = torch.randn(2, 1, 8, 8)
+    eps = torch.randn(2, 1, 8, 8)
+    sched = pipe.schedule
+    for t, tp in [(666, 333), (0, -1)]:
+        tt, tpp = torch.full((2,), t), torch.full((2,), tp)
+        grad = pipe.guidance.gradient(x, tt, y, 5.0)
+        if tp >= 0:
+            a, ap = sched.alphas_cumprod[t], sched.alphas_cumprod[tp]
+        else:  # clipped at the last step: β̃ of the step 1 → 0
+            a, ap = sched.alphas_cumprod[1], sched.alphas_cumprod[0]
+        sigma2 = ((1 - ap) / (1 - a) * (1 - a / ap)).float()
+        base = pipe.sampler.step(eps, x, tt, tpp, sched, None)
+        got = sampler.step(eps, x, tt, tpp, sched, None)
+        assert sigma2 > 0 and torch.allclose(got, base + sigma2 * grad, atol=1e-6)
+
+
+def test_third_party_sampler_with_guidance(tiny_ckpt, tiny_classifier, fresh_registry):
+    """A sampler that knows nothing of guidance (no log_variance) gets both guidances in ε-space."""
+    from attrs import define, field
+
+    from toolkit.sampling import sample_loop
+
+    @define(frozen=True)
+    class Plain:
+        name: str = field(default="plain", init=False)
+        stochastic: bool = field(default=False, init=False)
+        base = toolkit.create("sampler", "ddim")
+
+        def timesteps(self, schedule, steps):
+            return self.base.timesteps(schedule, steps)
+
+        def step(self, out, x_t, t, t_prev, schedule, noise):
+            return self.base.step(out, x_t, t, t_prev, schedule, None)
+
+        def sample(self, model_fn, schedule, x_T, *, steps, noise_fn, progress=None):
+            return sample_loop(self, model_fn, schedule, x_T, steps=steps, noise_fn=noise_fn)
+
+    import types
+
+    mod = types.ModuleType("plain_plugin")
+    mod.register_samplers = toolkit.hookimpl(lambda register: register("plain", Plain))
+    fresh_registry.register_plugin(mod, "plain", dist="plain-dist")
+    for guidance, opts in [("cfg", {}), ("classifier", {"classifier": str(tiny_classifier)})]:
+        pipe = toolkit.compose(model=tiny_ckpt, sampler="plain", steps=3, guidance=guidance, guidance_options=opts)
+        ddim = toolkit.compose(model=tiny_ckpt, sampler="ddim", steps=3, guidance=guidance, guidance_options=opts)
+        assert not pipe.mean_shift
+        assert torch.allclose(pipe.sample(2, labels=[1, 2]), ddim.sample(2, labels=[1, 2]), atol=1e-6)
+
+
+def test_cfg_refuses_model_without_trained_null_label(tmp_path):
+    from toolkit.training import TrainConfig, train
+
+    out = tmp_path / "nodrop"
+    train(TrainConfig(model_options={"base_channels": 8, "attention_heads": 2}, steps=1, batch_size=8,
+                      p_uncond=0.0), out)
+    with pytest.raises(toolkit.ToolkitError, match="p-uncond 0"):
+        toolkit.compose(model=out, steps=2, guidance="cfg")
+
+
+def test_classifier_with_another_schedule_is_refused(tiny_ckpt, tmp_path):
+    from toolkit.training import TrainConfig, train
+
+    lin = tmp_path / "lin"
+    train(TrainConfig(task="classifier", model="unet-encoder", schedule="linear", steps=1, batch_size=8,
+                      model_options={"base_channels": 8, "attention_heads": 2}), lin)
+    with pytest.raises(toolkit.ToolkitError, match="linear schedule"):
+        toolkit.compose(model=tiny_ckpt, steps=2, guidance="classifier", guidance_options={"classifier": str(lin)})
+
+
+def test_nan_scale_refused():
+    with pytest.raises(toolkit.ToolkitError, match="NaN"):
+        toolkit.create("guidance", "cfg", scale=float("nan"))

@@ -99,7 +99,8 @@ def test_v_prediction_converted_to_eps():
     x = torch.randn(2, 1, 4, 4)
     t = torch.tensor([500, 10])
     v = VModel()(x, t)
-    assert torch.allclose(fn(x, t), diffusion.eps_from_v(sched, x, t, v), atol=1e-6)
+    a = sched.alphas_cumprod[t].float().reshape(-1, 1, 1, 1)
+    assert torch.allclose(fn(x, t), (1 - a).sqrt() * x + a.sqrt() * v, atol=1e-6)  # ε = √(1-ᾱ)x + √ᾱ v
 
 
 def test_bad_compose_inputs(tiny_ckpt):

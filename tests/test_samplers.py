@@ -80,8 +80,8 @@ def test_ddim_step_formula_with_eta():
 
 def test_spacings_follow_ddim_paper():
     assert spaced_timesteps(1000, 10, "uniform").tolist() == list(range(900, -1, -100))
-    quad = (np.linspace(0, np.sqrt(1000 * 0.8), 10) ** 2).astype(int)
-    assert spaced_timesteps(1000, 10, "quadratic").tolist() == quad[::-1].tolist()
+    # DDIM's quadratic: ⌊(i·√800/9)²⌋ = ⌊800·i²/81⌋ for i = 0..9
+    assert spaced_timesteps(1000, 10, "quadratic").tolist() == [800, 632, 483, 355, 246, 158, 88, 39, 9, 0]
     assert spaced_timesteps(1000, 1000, "uniform").tolist() == list(range(999, -1, -1))
     assert spaced_timesteps(1000, 4, "trailing").tolist() == [999, 749, 499, 249]
 

@@ -148,6 +148,10 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     model = build_model(config)
     load_state(model, read_tensors(path, WEIGHTS), str(path))
     model.to(device).eval().requires_grad_(False)
+    if config.get("kind", "noise_predictor") == "noise_predictor" and getattr(model, "num_classes", None):
+        # the null label ∅ is only meaningful when training dropped labels (--p-uncond > 0)
+        p_uncond = config.get("training", {}).get("config", {}).get("p_uncond", 0.1)
+        model.null_label_trained = bool(p_uncond and p_uncond > 0)
     return Checkpoint(path=path, config=config, model=model, schedule=build_schedule(config))
 
 

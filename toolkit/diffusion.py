@@ -12,16 +12,19 @@ from torch import Tensor
 from toolkit.protocols import Schedule
 
 
-def gather(arr: Tensor, t: Tensor, like: Tensor) -> Tensor:
-    """arr[t] broadcast to ``like`` ([B] -> [B, 1, 1, ...]); t = -1 reads 1 for ᾱ-like arrays only via alpha_bar."""
-    out = arr.to(like.device)[t.to(like.device).long()]
-    return out.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+def gather(arr: Tensor, t: Tensor, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """arr[t] shaped to broadcast with ``like`` ([B] -> [B, 1, 1, ...]), cast to ``dtype`` (default: like's)."""
+    out = arr[t.long().cpu()] if arr.device.type == "cpu" else arr[t.long()]
+    return out.to(device=like.device, dtype=dtype or like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
 
-def alpha_bar(schedule: Schedule, t: Tensor, like: Tensor) -> Tensor:
-    """ᾱ_t with ᾱ_{-1} = 1 (the clean data after the last step), shaped to broadcast with ``like``."""
+def alpha_bar(schedule: Schedule, t: Tensor, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """ᾱ_t with ᾱ_{-1} = 1 (the clean data after the last step), shaped to broadcast with ``like``.
+
+    Pass dtype=torch.float64 to compute step coefficients exactly, then cast them to the data's dtype.
+    """
     a = torch.cat([torch.ones(1, dtype=torch.float64), schedule.alphas_cumprod.to(torch.float64)])
-    return gather(a, t.long() + 1, like)
+    return gather(a, t.long() + 1, like, dtype)
 
 
 def q_sample(schedule: Schedule, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
@@ -70,18 +73,19 @@ def q_posterior(
     """
     if t_prev is None:
         t_prev = t - 1
-    a_t = alpha_bar(schedule, t, x_t)
-    a_prev = alpha_bar(schedule, t_prev, x_t)
+    a_t = alpha_bar(schedule, t, x_t, torch.float64)  # coefficients in float64, cast at use
+    a_prev = alpha_bar(schedule, t_prev, x_t, torch.float64)
     beta = 1 - a_t / a_prev
-    coef_x0 = a_prev.sqrt() * beta / (1 - a_t)
-    coef_xt = (1 - a_prev) * (a_t / a_prev).sqrt() / (1 - a_t)
-    variance = (1 - a_prev) / (1 - a_t) * beta
+    coef_x0 = (a_prev.sqrt() * beta / (1 - a_t)).to(x_t.dtype)
+    coef_xt = ((1 - a_prev) * (a_t / a_prev).sqrt() / (1 - a_t)).to(x_t.dtype)
+    variance = ((1 - a_prev) / (1 - a_t) * beta).to(x_t.dtype)
     return coef_x0 * x0 + coef_xt * x_t, variance
 
 
 def step_beta(schedule: Schedule, t: Tensor, t_prev: Tensor, like: Tensor) -> Tensor:
     """β of one (possibly skipped) step: 1 - ᾱ_t / ᾱ_{t_prev}."""
-    return 1 - alpha_bar(schedule, t, like) / alpha_bar(schedule, t_prev, like)
+    beta = 1 - alpha_bar(schedule, t, like, torch.float64) / alpha_bar(schedule, t_prev, like, torch.float64)
+    return beta.to(like.dtype)
 
 
 def model_time(train_log_snr: Tensor, sample_log_snr: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ from attrs import define, field
 from torch import Tensor, nn
 
 from toolkit import diffusion
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, parse_device
 from toolkit.noise import NoiseStreams
 from toolkit.protocols import Guidance, ModelFn, NoisePredictor, Sampler, Schedule
 from toolkit.registry import create, missing_attributes
@@ -222,9 +222,9 @@ def compose(
     """
     from toolkit.checkpoint import load_checkpoint
 
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ToolkitError("device cuda requested but CUDA is not available")
+    device = parse_device(device)
+    if num_timesteps is not None and (isinstance(num_timesteps, bool) or num_timesteps < 1):
+        raise ToolkitError(f"num_timesteps must be a positive integer, got {num_timesteps!r}")
     sampler_obj = _resolve("sampler", sampler, **options)
     guidance_obj = None
     if guidance is not None:
@@ -251,7 +251,7 @@ def compose(
         T = num_timesteps or (train_schedule.num_timesteps if train_schedule is not None else 1000)
         schedule = create("schedule", schedule, num_timesteps=T, **(schedule_options or {}))
     if guidance_obj is not None and hasattr(guidance_obj, "check"):
-        guidance_obj.check(predictor, train_schedule)
+        guidance_obj.check(predictor, train_schedule or schedule)
     if steps is None:
         steps = getattr(sampler_obj, "default_steps", None) or schedule.num_timesteps
     sampler_obj.timesteps(schedule, steps)  # validates steps against T now, not mid-run

@@ -16,7 +16,7 @@ import pluggy
 from attrs import define, field
 
 from toolkit import hookspecs
-from toolkit.errors import PluginError
+from toolkit.errors import PluginError, ToolkitError
 
 ENTRY_POINT_GROUP = "toolkit.plugins"
 KINDS = tuple(hookspecs.HOOKS)
@@ -251,7 +251,14 @@ def create(kind: str, name: str, **kwargs: Any) -> Any:
         raise PluginError(f"{kind} {entry.name!r} ({entry.dist}): bad options {sorted(kwargs)}: {exc}") from exc
     except ValueError:  # no signature (a builtin): let the call itself complain
         pass
-    obj = entry.factory(**kwargs)
+    try:
+        obj = entry.factory(**kwargs)
+    except PluginError:
+        raise
+    except (ValueError, TypeError) as exc:  # ToolkitError is a ValueError: keep its message as it is
+        if isinstance(exc, ToolkitError):
+            raise
+        raise PluginError(f"{kind} {entry.name!r} ({entry.dist}): {exc}") from exc
     protocol = PROTOCOLS.get(kind)
     if protocol is not None:
         missing = missing_attributes(obj, protocol)

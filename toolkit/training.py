@@ -18,12 +18,13 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from toolkit import checkpoint, diffusion
 from toolkit._version import __version__
 from toolkit.data import ArrayDataset
-from toolkit.errors import CheckpointError, ToolkitError
+from toolkit.errors import CheckpointError, ToolkitError, parse_device
 from toolkit.noise import sample_seed
 from toolkit.registry import create
 
 TASKS = ("noise_predictor", "classifier")
-SYNC_EVERY = 10  # steps between reading the loss back (progress bar, divergence check)
+SYNC_EVERY = 10
+RESUMABLE_CHANGES = ("steps", "checkpoint_every")  # everything else must match the checkpoint to resume  # steps between reading the loss back (progress bar, divergence check)
 
 
 def _positive(instance, attribute, value) -> None:
@@ -152,26 +153,29 @@ def train(
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise ToolkitError(f"output folder {str(parent)!r} does not exist")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ToolkitError("device cuda requested but CUDA is not available")
+    device = parse_device(device)
     if out.exists() and not resume and not overwrite:
         raise ToolkitError(f"{str(out)!r} already exists; pass --resume to continue it or --overwrite")
 
     start_step = 0
     state = None
-    if resume and out.exists():
+    history: list[str] = []
+    if resume:
+        if not out.exists():
+            raise CheckpointError(f"cannot resume: {str(out)!r} does not exist")
         saved = checkpoint.read_config(out)
         old = saved.get("training", {}).get("config", {})
-        for key in ("task", "dataset", "dataset_options", "model", "model_options", "schedule", "num_timesteps",
-                    "prediction", "conditional"):
-            if key in old and old[key] != config.to_json()[key] and not (key == "conditional" and config.conditional is None):
-                raise CheckpointError(f"cannot resume {str(out)!r}: it was trained with {key}={old[key]!r}, "
-                                      f"not {config.to_json()[key]!r}")
-        if "conditional" in old and config.conditional is None:
-            config = TrainConfig(**{**config.to_json(), "conditional": old["conditional"]})
+        new = config.to_json()
+        if old.get("conditional") is not None and config.conditional is None:
+            new["conditional"] = old["conditional"]
+        changed = [k for k in new if k in old and k not in RESUMABLE_CHANGES and old[k] != new[k]]
+        if changed:
+            k = changed[0]
+            raise CheckpointError(f"cannot resume {str(out)!r}: it was trained with {k}={old[k]!r}, not {new[k]!r}")
+        config = TrainConfig(**new)
         state = checkpoint.read_tensors(out, checkpoint.TRAINING_STATE)
         start_step = int(saved["training"]["step"])
+        history = list(saved["training"].get("commands") or [saved["training"].get("command")])
 
     data = create("dataset", config.dataset, **config.dataset_options)
     schedule = create("schedule", config.schedule, num_timesteps=config.num_timesteps)
@@ -187,7 +191,9 @@ def train(
         ema_state = checkpoint.read_tensors(out, checkpoint.WEIGHTS)
         checkpoint.load_state(ema.module, ema_state, str(out))
         ema.n_averaged.fill_(int(state["ema.n_averaged"]))
-        _load_optimizer(opt, {k: v.to(device) for k, v in state.items() if k.startswith("optim.")})
+        # AdamW keeps its step count on the CPU: moving it to the GPU would sync every step
+        _load_optimizer(opt, {k: v if k.endswith(".step") else v.to(device)
+                              for k, v in state.items() if k.startswith("optim.")})
 
     x_all = data.x.to(device)
     y_all = data.y.to(device) if conditional else None
@@ -210,7 +216,8 @@ def train(
                      "shape": list(data.sample_shape), "num_classes": data.num_classes, "levels": data.levels,
                      "range": [-1, 1], "class_names": list(data.class_names) if data.class_names else None},
             "training": {"step": step, "config": config.to_json(), "loss": loss, "parameters": params,
-                         "elapsed_s": round(elapsed, 2), "command": command, "torch_version": torch.__version__},
+                         "elapsed_s": round(elapsed, 2), "command": history[0] if history else command,
+                         "commands": [c for c in [*history, command] if c], "torch_version": torch.__version__},
         }
         extra = {"model." + k: v for k, v in model.state_dict().items()}
         extra.update(_optimizer_tensors(opt))

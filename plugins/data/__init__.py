@@ -86,7 +86,9 @@ def array(path: str, key: str = "x", labels_key: str = "y", levels: int | None =
         x = x[:, None]
     if x.dtype == np.uint8:
         levels = levels or 256
-        xt = levels_to_unit(torch.from_numpy(x.astype(np.int64)), 256)
+        if int(x.max()) >= levels:
+            raise ToolkitError(f"array dataset: values up to {int(x.max())} do not fit levels={levels}")
+        xt = levels_to_unit(torch.from_numpy(x.astype(np.int64)), levels)
     else:
         xt = torch.from_numpy(np.asarray(x, dtype=np.float32))
         if value_range == "0,1":
