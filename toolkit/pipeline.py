@@ -76,14 +76,19 @@ class Pipeline:
             return None
         return diffusion.model_time(_log_snr(self.train_schedule), _log_snr(self.schedule))
 
-    def model_fn(self, labels: Tensor | None, scale: Tensor | float | None = None) -> ModelFn:
-        """(x_t, t) → ε (and the variance output) with time mapping, labels and ε-space guidance applied."""
+    def model_fn(self, labels: Tensor | None, scale: Tensor | float | None = None,
+                 times: Tensor | None | str = "auto") -> ModelFn:
+        """(x_t, t) → ε (and the variance output) with time mapping, labels and ε-space guidance applied.
+
+        ``times``: the training-schedule time of each sampling t ("auto": ``model_times()``).
+        """
         predictor = self.predictor
         if self.guidance is not None and not self.mean_shift:
             predictor = self.guidance.wrap(self.predictor, scale)
         elif self.guidance is not None:
             labels = None  # mean shift: the model itself samples unconditionally (∅)
-        times = self.model_times()
+        if isinstance(times, str):
+            times = self.model_times()
         prediction = getattr(predictor, "prediction", "epsilon")
         schedule = self.schedule
         if times is not None:

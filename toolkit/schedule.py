@@ -20,12 +20,16 @@ class BetaSchedule:
     name: str
     betas: Tensor = field(converter=_float64)
 
+    _alphas_cumprod: Tensor = field(init=False, repr=False, eq=False)
+
     def __attrs_post_init__(self) -> None:
         b = self.betas
         if b.ndim != 1 or b.numel() < 1:
             raise ToolkitError(f"schedule {self.name!r}: betas must be a non-empty 1-D array")
         if not bool(torch.isfinite(b).all()) or bool((b <= 0).any()) or bool((b >= 1).any()):
             raise ToolkitError(f"schedule {self.name!r}: betas must lie in (0, 1)")
+        # computed once: a constant for tracing, not a cumprod inside every exported step
+        object.__setattr__(self, "_alphas_cumprod", torch.cumprod(1.0 - b, dim=0))
 
     @property
     def num_timesteps(self) -> int:
@@ -37,7 +41,7 @@ class BetaSchedule:
 
     @property
     def alphas_cumprod(self) -> Tensor:  # ᾱ_t = Π_{s≤t} α_s
-        return torch.cumprod(self.alphas, dim=0)
+        return self._alphas_cumprod
 
     @property
     def alphas_cumprod_prev(self) -> Tensor:  # ᾱ_{t-1}, with ᾱ_{-1} = 1
