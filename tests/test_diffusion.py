@@ -86,3 +86,31 @@ def test_model_time_matches_log_snr():
     assert torch.allclose(interp[inside], cos.log_snr[inside], atol=1e-6)
     assert torch.all(tm[1:] >= tm[:-1])  # monotone
     assert tm.min() >= 0 and tm.max() <= 999
+
+
+def test_normal_kl_against_monte_carlo():
+    g = torch.Generator().manual_seed(3)
+    m1, lv1, m2, lv2 = 0.3, math.log(0.5), -0.2, math.log(1.7)
+    x = m1 + math.exp(lv1 / 2) * torch.randn(2_000_000, generator=g, dtype=torch.float64)
+
+    def log_pdf(z, m, lv):
+        return -0.5 * (math.log(2 * math.pi) + lv + (z - m) ** 2 / math.exp(lv))
+
+    mc = (log_pdf(x, m1, lv1) - log_pdf(x, m2, lv2)).mean().item()
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    assert diffusion.normal_kl(t(m1), t(lv1), t(m2), t(lv2)).item() == pytest.approx(mc, abs=2e-3)
+    assert diffusion.normal_kl(t(m1), t(lv1), t(m1), t(lv1)).item() == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("levels", [2, 17, 256])
+def test_discretized_gaussian_sums_to_one_over_all_bins(levels):
+    values = torch.linspace(-1, 1, levels, dtype=torch.float64)
+    for mean, log_scale in [(0.0, math.log(0.3)), (0.93, math.log(0.05)), (-1.4, math.log(1.2))]:
+        m = torch.full_like(values, mean)
+        ls = torch.full_like(values, log_scale)
+        logp = diffusion.discretized_gaussian_log_likelihood(values, m, ls, levels)
+        assert logp.exp().sum().item() == pytest.approx(1.0, abs=1e-6)
+    # a narrow Gaussian on a level puts almost all its mass in that level's bin
+    lp = diffusion.discretized_gaussian_log_likelihood(torch.tensor([0.5]), torch.tensor([0.5]),
+                                                       torch.tensor([math.log(1e-3)]), 17)
+    assert lp.exp().item() == pytest.approx(1.0, abs=1e-9)

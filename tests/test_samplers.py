@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -117,3 +119,19 @@ def test_respaced_ddpm_uses_beta_of_visited_steps():
     lv = ddpm.log_variance(torch.zeros(1, 1), x, torch.tensor([800]), torch.tensor([600]), sched)
     a, ap = sched.alphas_cumprod[800], sched.alphas_cumprod[600]
     assert lv.exp().item() == pytest.approx(((1 - ap) / (1 - a) * (1 - a / ap)).item(), rel=1e-6)
+
+
+def test_learned_range_variance_lies_between_posterior_and_beta():
+    """Improved DDPM: Σ = exp(v log β + (1-v) log β̃), v = (out+1)/2; β̃ ≤ Σ ≤ β, with the ends reached."""
+    sched = toolkit.create("schedule", "cosine", num_timesteps=1000)
+    ddpm = toolkit.create("sampler", "ddpm", variance="learned")
+    x = torch.zeros(5, 1, 2, 2, dtype=torch.float64)
+    raw = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0], dtype=torch.float64).reshape(5, 1, 1, 1).expand(5, 1, 2, 2)
+    out = torch.cat([torch.zeros_like(x), raw], dim=1)
+    for t in [1, 100, 700]:
+        tt, tp = torch.full((5,), t), torch.full((5,), t - 1)
+        var = ddpm.log_variance(out, x, tt, tp, sched).exp()[:, 0, 0, 0]
+        beta, tilde = sched.betas[t].item(), sched.posterior_variance[t].item()
+        assert var[0].item() == pytest.approx(tilde, rel=1e-9) and var[-1].item() == pytest.approx(beta, rel=1e-9)
+        assert torch.all(var[1:] >= var[:-1]) and tilde * (1 - 1e-12) <= var.min() and var.max() <= beta * (1 + 1e-12)
+        assert var[2].item() == pytest.approx(math.sqrt(beta * tilde), rel=1e-9)  # v = 1/2: geometric mean

@@ -103,3 +103,28 @@ def model_time(train_log_snr: Tensor, sample_log_snr: Tensor) -> Tensor:
     frac = ((q - lo) / (hi - lo)).clamp(0, 1)
     pos_inc = (idx - 1).to(torch.float64) + frac  # position in the increasing array
     return (n - 1 - pos_inc).clamp(0, n - 1)
+
+
+def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
+    """KL(N(mean1, e^logvar1) ‖ N(mean2, e^logvar2)) per element, in nats (the L_{t-1} terms of the VLB)."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tensor, levels: int) -> Tensor:
+    """log p(x) per element for data on ``levels`` evenly spaced values in [-1, 1] (Ho et al. eq. 13, L_0).
+
+    Each value owns the bin of width 2/(levels-1) around it; the outermost bins extend to ±∞, so the
+    probabilities of all levels sum to one.
+    """
+    if levels < 2:
+        raise ValueError("levels must be at least 2")
+    half = 1.0 / (levels - 1)
+    inv_std = torch.exp(-log_scale)
+    cdf_plus = torch.special.ndtr(inv_std * (x - mean + half))
+    cdf_minus = torch.special.ndtr(inv_std * (x - mean - half))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_minus = torch.log((1.0 - cdf_minus).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_minus).clamp(min=1e-12))
+    edge = 1.0 - 1e-3 * half
+    return torch.where(x < -edge, log_cdf_plus, torch.where(x > edge, log_one_minus_cdf_minus, log_delta))
