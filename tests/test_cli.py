@@ -172,3 +172,14 @@ def test_console_script_exit_status(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: unknown sampler 'nope'; available: ")
     assert not (tmp_path / "a.png").exists()
+
+
+def test_hybrid_loss_with_learned_variance(tmp_path):
+    out = tmp_path / "hy"
+    r = run("train", *TINY, "--loss", "hybrid", "--learn-variance", "--steps", 3, "--batch-size", 8, "--out", out)
+    assert r.exit_code == 0, r.stderr
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"]["options"]["learned_variance"] is True and cfg["training"]["config"]["loss"] == "hybrid"
+    r = run("compose", "--model", out, "--sampler", "ddpm", "--steps", 5, "-n", 2, "--out", tmp_path / "h.npy")
+    assert r.exit_code == 0, r.stderr
+    one_line_error(run("train", *TINY, "--loss", "hybrid", "--steps", 1, "--out", tmp_path / "x"), "--learn-variance")

@@ -114,3 +114,26 @@ def test_discretized_gaussian_sums_to_one_over_all_bins(levels):
     lp = diffusion.discretized_gaussian_log_likelihood(torch.tensor([0.5]), torch.tensor([0.5]),
                                                        torch.tensor([math.log(1e-3)]), 17)
     assert lp.exp().item() == pytest.approx(1.0, abs=1e-9)
+
+
+def test_vlb_terms_formulas():
+    """L_t for t ≥ 1 is the Gaussian KL (written out here); L_0 the discretized decoder's NLL; in bits."""
+    sched = toolkit.create("schedule", "cosine", num_timesteps=100)
+    g = torch.Generator().manual_seed(4)
+    x0 = torch.randint(0, 17, (2, 1, 3, 3), generator=g).double() / 16 * 2 - 1
+    eps = torch.randn(2, 1, 3, 3, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 40])
+    x_t = diffusion.q_sample(sched, x0, t, eps)
+    eps_hat = eps + 0.1
+    logvar = torch.full_like(x0, math.log(0.01))
+    got = diffusion.vlb_terms(sched, x0, x_t, t, eps_hat, logvar, levels=17)
+    a, ap, beta = sched.alphas_cumprod[40], sched.alphas_cumprod[39], sched.betas[40]
+    x0_hat = (x_t[1] - (1 - a).sqrt() * eps_hat[1]) / a.sqrt()
+    mu_p = ap.sqrt() * beta / (1 - a) * x0_hat + sched.alphas[40].sqrt() * (1 - ap) / (1 - a) * x_t[1]
+    mu_q = ap.sqrt() * beta / (1 - a) * x0[1] + sched.alphas[40].sqrt() * (1 - ap) / (1 - a) * x_t[1]
+    var_q, var_p = (1 - ap) / (1 - a) * beta, 0.01
+    kl = 0.5 * (math.log(var_p / var_q) + var_q / var_p + (mu_q - mu_p) ** 2 / var_p - 1)
+    assert got[1].item() == pytest.approx(kl.mean().item() / math.log(2), rel=1e-6)
+    mu0 = diffusion.q_posterior(sched, diffusion.predict_x0(sched, x_t[:1], t[:1], eps_hat[:1]), x_t[:1], t[:1])[0]
+    nll = -diffusion.discretized_gaussian_log_likelihood(x0[:1], mu0, 0.5 * logvar[:1], 17).mean()
+    assert got[0].item() == pytest.approx(nll.item() / math.log(2), rel=1e-9)

@@ -201,13 +201,16 @@ def _run_training(task: str, dataset, data_options, model, model_options, schedu
 @cli.command("train")
 @_train_options("unet", 4000)
 @click.option("--prediction", type=click.Choice(["epsilon", "v", "x0"]), default="epsilon", show_default=True)
+@click.option("--loss", type=click.Choice(["simple", "hybrid"]), default="simple", show_default=True,
+              help="L_simple (Ho et al.) or L_hybrid = L_simple + 0.001·L_vlb (Nichol & Dhariwal).")
+@click.option("--learn-variance", is_flag=True, help="Output Σ_θ too (Improved DDPM's learned range).")
 @click.option("--unconditional", is_flag=True, help="Ignore the dataset's labels.")
 @click.option("--p-uncond", default=0.1, show_default=True, type=float,
               help="Probability of replacing the label by the null label ∅ (classifier-free guidance).")
-def train_cmd(prediction, unconditional, p_uncond, **kwargs) -> None:
-    """Train a noise predictor with L_simple (Algorithm 1) into a checkpoint directory."""
-    _run_training("noise_predictor", prediction=prediction, conditional=False if unconditional else None,
-                  p_uncond=p_uncond, **kwargs)
+def train_cmd(prediction, loss, learn_variance, unconditional, p_uncond, **kwargs) -> None:
+    """Train a noise predictor with L_simple (Algorithm 1) or L_hybrid into a checkpoint directory."""
+    _run_training("noise_predictor", prediction=prediction, loss=loss, learned_variance=learn_variance,
+                  conditional=False if unconditional else None, p_uncond=p_uncond, **kwargs)
 
 
 @cli.command("train-classifier")

@@ -6,6 +6,8 @@ schedule arrays, casting to the data's dtype at use.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -128,3 +130,37 @@ def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tens
     log_delta = torch.log((cdf_plus - cdf_minus).clamp(min=1e-12))
     edge = 1.0 - 1e-3 * half
     return torch.where(x < -edge, log_cdf_plus, torch.where(x > edge, log_one_minus_cdf_minus, log_delta))
+
+
+def posterior_log_variance_clipped(schedule: Schedule, t: Tensor, like: Tensor) -> Tensor:
+    """log β̃_t, with β̃_0 = 0 replaced by β̃_1 (guided-diffusion's clipping), in float64."""
+    a = torch.cat([torch.ones(1, dtype=torch.float64), schedule.alphas_cumprod.to(torch.float64)])
+    betas = schedule.betas.to(torch.float64)
+    tilde = (1 - a[:-1]) / (1 - a[1:]) * betas  # β̃_t for t = 0..T-1
+    if tilde.numel() > 1:
+        tilde = torch.cat([tilde[1:2], tilde[1:]])
+    return gather(torch.log(tilde.clamp(min=1e-20)), t, like, torch.float64)
+
+
+def learned_range_log_variance(schedule: Schedule, t: Tensor, v_raw: Tensor) -> Tensor:
+    """log Σ_θ = v log β_t + (1 - v) log β̃_t with v = (v_raw + 1)/2 (Improved DDPM eq. 15)."""
+    frac = (v_raw + 1) / 2
+    log_beta = gather(torch.log(schedule.betas.to(torch.float64)), t, v_raw, torch.float64)
+    log_tilde = posterior_log_variance_clipped(schedule, t, v_raw)
+    return frac * log_beta.to(v_raw.dtype) + (1 - frac) * log_tilde.to(v_raw.dtype)
+
+
+def vlb_terms(schedule: Schedule, x0: Tensor, x_t: Tensor, t: Tensor, eps: Tensor, log_variance: Tensor,
+              levels: int | None) -> Tensor:
+    """The VLB term L_t of each sample in bits/dim: KL(q(x_{t-1}|x_t,x_0) ‖ p_θ(x_{t-1}|x_t)) for t ≥ 1,
+    and L_0 = −log p_θ(x_0|x_1) (discretized Gaussian with ``levels``, or a Gaussian density when None)."""
+    mean_p, _ = q_posterior(schedule, predict_x0(schedule, x_t, t, eps), x_t, t)
+    mean_q, _ = q_posterior(schedule, x0, x_t, t)
+    log_var_q = posterior_log_variance_clipped(schedule, t, x_t).to(x_t.dtype)
+    dims = tuple(range(1, x0.ndim))
+    kl = normal_kl(mean_q, log_var_q, mean_p, log_variance).mean(dim=dims)
+    if levels is not None:
+        nll = -discretized_gaussian_log_likelihood(x0, mean_p, 0.5 * log_variance, levels).mean(dim=dims)
+    else:
+        nll = 0.5 * (math.log(2 * math.pi) + log_variance + (x0 - mean_p) ** 2 * torch.exp(-log_variance)).mean(dim=dims)
+    return torch.where(t == 0, nll, kl) / math.log(2.0)

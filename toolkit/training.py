@@ -49,6 +49,8 @@ class TrainConfig:
     schedule: str = "cosine"
     num_timesteps: int = field(default=1000, validator=_positive)
     prediction: str = "epsilon"
+    loss: str = field(default="simple", validator=validators.in_(("simple", "hybrid")))
+    learned_variance: bool = False
     conditional: bool | None = None  # None: class-conditional when the data set has labels
     p_uncond: float = field(default=0.1, validator=_unit)
     steps: int = field(default=4000, validator=_positive)
@@ -107,9 +109,13 @@ def build(config: TrainConfig, data: ArrayDataset) -> nn.Module:
     conditional = config.conditional if config.conditional is not None else data.y is not None
     if conditional and data.y is None:
         raise ToolkitError(f"dataset {data.name!r} has no labels: it cannot train a class-conditional model")
+    if config.loss == "hybrid" and not config.learned_variance:
+        raise ToolkitError("--loss hybrid trains the variance through L_vlb: add --learn-variance")
+    if config.loss == "hybrid" and config.prediction != "epsilon":
+        raise ToolkitError("--loss hybrid needs --prediction epsilon")
     options = dict(config.model_options)
     options.update(sample_shape=data.sample_shape, num_classes=data.num_classes if conditional else None,
-                   prediction=config.prediction)
+                   prediction=config.prediction, learned_variance=config.learned_variance)
     model = create("model", config.model, **options)
     if not isinstance(model, nn.Module):
         raise ToolkitError(f"model {config.model!r} is not a torch.nn.Module and cannot be trained")
@@ -130,6 +136,22 @@ def loss_simple(model: nn.Module, schedule, x0: Tensor, t: Tensor, noise: Tensor
     else:
         target = x0
     return (pred - target).pow(2).mean()
+
+
+HYBRID_LAMBDA = 0.001  # λ of L_hybrid = L_simple + λ L_vlb (Nichol & Dhariwal)
+
+
+def loss_hybrid(model: nn.Module, schedule, x0: Tensor, t: Tensor, noise: Tensor, y: Tensor | None,
+                levels: int | None) -> Tensor:
+    """L_hybrid = L_simple + λ·L_vlb; L_vlb ≈ T·L_t for uniform t, and L_t sees a stop-gradient ε (mean)."""
+    x_t = diffusion.q_sample(schedule, x0, t, noise)
+    out = model(x_t, t, y)
+    C = x0.shape[1]
+    eps, v_raw = out[:, :C], out[:, C:]
+    simple = (eps - noise).pow(2).mean()
+    log_variance = diffusion.learned_range_log_variance(schedule, t, v_raw)
+    vlb = diffusion.vlb_terms(schedule, x0, x_t, t, eps.detach(), log_variance, levels).mean()
+    return simple + HYBRID_LAMBDA * schedule.num_timesteps * vlb
 
 
 def loss_classifier(model: nn.Module, schedule, x0: Tensor, t: Tensor, noise: Tensor, y: Tensor) -> Tensor:
@@ -249,7 +271,12 @@ def train(
                             y_all[idx.to(device)])
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        loss = (loss_classifier if classifier else loss_simple)(model, schedule, x0, t.to(device), noise.to(device), y)
+        if classifier:
+            loss = loss_classifier(model, schedule, x0, t.to(device), noise.to(device), y)
+        elif config.loss == "hybrid":
+            loss = loss_hybrid(model, schedule, x0, t.to(device), noise.to(device), y, data.levels)
+        else:
+            loss = loss_simple(model, schedule, x0, t.to(device), noise.to(device), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip > 0:
