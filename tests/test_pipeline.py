@@ -43,6 +43,14 @@ def test_same_seed_same_samples_and_batch_invariance():
     assert not torch.allclose(a, d)
 
 
+def test_offset_shards_reproduce_one_run():
+    pipe = toolkit.compose(schedule="cosine", sampler="ddpm", model=Recorder(), steps=6)
+    whole = pipe.sample(9, seed=2, labels=[0, 1, 2])
+    first = pipe.sample(4, seed=2, labels=[0, 1, 2, 0])
+    rest = pipe.sample(5, seed=2, labels=[1, 2, 0, 1, 2], offset=4)
+    assert torch.allclose(torch.cat([first, rest]), whole, atol=1e-6)
+
+
 def test_noise_is_x_T():
     pipe = toolkit.compose(schedule="cosine", sampler="ddim", model=Recorder(), steps=5)
     noise = torch.randn(3, 1, 4, 4)

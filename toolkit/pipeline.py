@@ -151,6 +151,7 @@ class Pipeline:
         noise: Tensor | None = None,
         *,
         scale: float | Sequence[float] | Tensor | None = None,
+        offset: int = 0,
         batch_size: int | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> Tensor:
@@ -158,10 +159,13 @@ class Pipeline:
 
         ``noise`` is an optional x_T of shape [n, *sample_shape]; the step noise still comes from
         the per-sample streams of ``seed``. ``scale`` overrides the guidance scale: one number, or
-        one per sample (a guidance sweep in one batch).
+        one per sample (a guidance sweep in one batch). ``offset`` numbers this call's samples
+        offset..offset+n-1, so shards of a large run reproduce a single run exactly.
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ToolkitError(f"n must be a positive integer, got {n!r}")
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ToolkitError(f"offset must be a non-negative integer, got {offset!r}")
         shape = self.sample_shape
         if noise is not None and tuple(noise.shape) != (n, *shape):
             raise ToolkitError(f"noise must have shape {(n, *shape)}, got {tuple(noise.shape)}")
@@ -180,7 +184,7 @@ class Pipeline:
         out = []
         for start in range(0, n, bs):
             stop = min(n, start + bs)
-            streams = NoiseStreams(seed, range(start, stop), shape, self.device)
+            streams = NoiseStreams(seed, range(offset + start, offset + stop), shape, self.device)
             x_T = streams.draw()
             if noise is not None:
                 x_T = noise[start:stop].to(self.device, torch.float32)
