@@ -8,7 +8,7 @@ import torch
 from attrs import define, field, validators
 from torch import Tensor
 
-from toolkit.diffusion import alpha_bar, predict_eps, predict_x0, q_posterior, step_beta
+from toolkit.diffusion import alpha_bar, predict_eps, predict_x0, q_posterior
 from toolkit.errors import ToolkitError
 from toolkit.hookspecs import hookimpl
 from toolkit.protocols import ModelFn, NoiseFn, Schedule

@@ -3,7 +3,6 @@ import torch
 from torch import nn
 
 import toolkit
-from toolkit import diffusion
 
 
 class Recorder(nn.Module):

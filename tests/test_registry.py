@@ -1,6 +1,5 @@
 import importlib.metadata as md
 import types
-import warnings
 
 import pytest
 

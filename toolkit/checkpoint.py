@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from toolkit.errors import CheckpointError, ToolkitError
+from toolkit.files import umask_mode
 
 FORMAT = "diffusion-toolkit-checkpoint"
 FORMAT_VERSION = 1
@@ -60,11 +61,9 @@ def write_checkpoint(path: str | os.PathLike, config: dict[str, Any], tensors: d
             fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
+        os.chmod(tmp, umask_mode(0o777))  # mkdtemp makes 0700
         for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~umask)
+            os.chmod(f, umask_mode(0o666))
         old = None
         if path.exists():
             old = parent / f".{path.name}.old-{os.getpid()}"

@@ -84,12 +84,6 @@ def q_posterior(
     return coef_x0 * x0 + coef_xt * x_t, variance
 
 
-def step_beta(schedule: Schedule, t: Tensor, t_prev: Tensor, like: Tensor) -> Tensor:
-    """β of one (possibly skipped) step: 1 - ᾱ_t / ᾱ_{t_prev}."""
-    beta = 1 - alpha_bar(schedule, t, like, torch.float64) / alpha_bar(schedule, t_prev, like, torch.float64)
-    return beta.to(like.dtype)
-
-
 def model_time(train_log_snr: Tensor, sample_log_snr: Tensor) -> Tensor:
     """Fractional training-schedule times whose log-SNR equals ``sample_log_snr`` (linear interpolation).
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 from torch import Tensor
 
 from toolkit.errors import ToolkitError
+from toolkit.files import atomic_write
 
 SUFFIXES = (".png", ".npy")
 
@@ -48,20 +48,6 @@ def grid(samples: Tensor, nrow: int | None = None, scale: int | None = None, pad
     return canvas.permute(1, 2, 0).numpy()
 
 
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent or ".")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a sample file is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_samples(samples: Tensor, path: str | os.PathLike, nrow: int | None = None) -> Path:
     """Write samples to .png (grid) or .npy (float32 [N, ...] in [-1, 1]) atomically."""
     from PIL import Image
@@ -69,9 +55,9 @@ def save_samples(samples: Tensor, path: str | os.PathLike, nrow: int | None = No
     path = check_output(path)
     if path.suffix.lower() == ".npy":
         arr = samples.detach().cpu().to(torch.float32).numpy()
-        _atomic(path, lambda tmp: np.save(tmp, arr))
+        atomic_write(path, lambda tmp: np.save(tmp, arr))
     else:
         img = grid(samples.detach().cpu(), nrow=nrow)
         pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
-        _atomic(path, lambda tmp: pil.save(tmp, format="PNG"))
+        atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
     return path

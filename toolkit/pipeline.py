@@ -76,27 +76,27 @@ class Pipeline:
             return None
         return diffusion.model_time(_log_snr(self.train_schedule), _log_snr(self.schedule))
 
-    def model_fn(self, labels: Tensor | None, scale: Tensor | float | None = None,
-                 times: Tensor | None | str = "auto") -> ModelFn:
-        """(x_t, t) → ε (and the variance output) with time mapping, labels and ε-space guidance applied.
+    def model_time_fn(self) -> Callable[[Tensor], Tensor]:
+        """Sampling-schedule t → the time to query the predictor (and a classifier) at."""
+        times = self.model_times()
+        if times is None:
+            return lambda t: t
+        times = times.to(self.device, torch.float32)
+        return lambda t: times[t]
 
-        ``times``: the training-schedule time of each sampling t ("auto": ``model_times()``).
-        """
+    def model_fn(self, labels: Tensor | None, scale: Tensor | float | None = None) -> ModelFn:
+        """(x_t, t) → ε (and the variance output) with time mapping, labels and ε-space guidance applied."""
         predictor = self.predictor
         if self.guidance is not None and not self.mean_shift:
             predictor = self.guidance.wrap(self.predictor, scale)
         elif self.guidance is not None:
             labels = None  # mean shift: the model itself samples unconditionally (∅)
-        if isinstance(times, str):
-            times = self.model_times()
+        to_model_time = self.model_time_fn()
         prediction = getattr(predictor, "prediction", "epsilon")
         schedule = self.schedule
-        if times is not None:
-            times = times.to(self.device, torch.float32)
 
         def fn(x_t: Tensor, t: Tensor) -> Tensor:
-            tm = times[t] if times is not None else t
-            out = predictor(x_t, tm, labels)
+            out = predictor(x_t, to_model_time(t), labels)
             if prediction == "epsilon":
                 return out
             C = x_t.shape[1]
@@ -115,13 +115,12 @@ class Pipeline:
             return self.sampler
         from toolkit.sampling import MeanShifted
 
-        times = self.model_times()
-        times = times.to(self.device, torch.float32) if times is not None else None
+        to_model_time = self.model_time_fn()
         guidance = self.guidance
         s = guidance.scale if scale is None else scale
 
         def gradient_fn(x_t: Tensor, t: Tensor) -> Tensor:
-            return guidance.gradient(x_t, times[t] if times is not None else t, labels, s)
+            return guidance.gradient(x_t, to_model_time(t), labels, s)
 
         return MeanShifted(self.sampler, gradient_fn)
 
