@@ -137,8 +137,8 @@ def _dataset_arg(dataset: str, options: dict[str, Any]) -> tuple[str, dict[str, 
     return dataset, options
 
 
-def _train_options(default_model: str, default_steps: int):
-    """Options shared by train and train-classifier (one training loop behind both)."""
+def _train_options(default_model: str, default_steps: int, lr: float = 1e-3, ema_decay: float = 0.999):
+    """Options shared by train, train-classifier and train-features (one training loop behind all)."""
     options = [
         click.option("--dataset", default="digits", show_default=True,
                      help="Dataset plugin name, a folder of images, or a .npy/.npz file."),
@@ -151,9 +151,9 @@ def _train_options(default_model: str, default_steps: int):
         click.option("--num-timesteps", "-T", default=1000, show_default=True, type=int),
         click.option("--steps", default=default_steps, show_default=True, type=int, help="Total optimizer steps."),
         click.option("--batch-size", default=128, show_default=True, type=int),
-        click.option("--lr", default=1e-3, show_default=True, type=float),
+        click.option("--lr", default=lr, show_default=True, type=float),
         click.option("--weight-decay", default=0.0, show_default=True, type=float),
-        click.option("--ema-decay", default=0.999, show_default=True, type=float),
+        click.option("--ema-decay", default=ema_decay, show_default=True, type=float),
         click.option("--grad-clip", default=1.0, show_default=True, type=float),
         click.option("--seed", default=0, show_default=True, type=int),
         click.option("--checkpoint-every", default=1000, show_default=True, type=int),
@@ -218,6 +218,15 @@ def train_cmd(prediction, loss, learn_variance, unconditional, p_uncond, **kwarg
 def train_classifier_cmd(**kwargs) -> None:
     """Train a noise-aware classifier p_φ(y | x_t, t) on data noised at random t (for classifier guidance)."""
     _run_training("classifier", **kwargs)
+
+
+@cli.command("train-features")
+@_train_options("cnn", 1000, lr=2e-3, ema_decay=0.99)
+@click.option("--holdout", default=0.1, show_default=True, type=float,
+              help="Fraction of the data kept out of training to report the accuracy on.")
+def train_features_cmd(holdout, **kwargs) -> None:
+    """Train the feature network of `evaluate --metric fid`: a classifier on the clean data set."""
+    _run_training("features", holdout=holdout, **kwargs)
 
 
 def parse_classes(text: str | None, n: int, num_classes: int | None) -> tuple[list[int] | None, int | None]:
@@ -301,6 +310,128 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
                               progress=(lambda k: bar.update(k)) if bar is not None else None)
     save_samples(samples, out, nrow=nrow)
     click.echo(f"wrote {out} ({n} samples, {pipe.sampler.name} {pipe.steps} steps, {pipe.schedule.name} schedule)")
+
+
+def _float_list(text: str | None, what: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        values = [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise ToolkitError(f"{what} must be a comma list of numbers, not {text!r}") from None
+    if not values:
+        raise ToolkitError(f"{what} is empty")
+    return values
+
+
+@cli.command("evaluate")
+@click.option("--model", default=None, help="Checkpoint directory or pretrained name (default: digits).")
+@click.option("--metric", type=click.Choice(["nll", "fid"]), required=True,
+              help="nll: the variational bound in bits/dim; fid: a sample-quality sweep.")
+@click.option("--dataset", default=None, help="Data to evaluate against (default: the model's training data).")
+@click.option("--data-option", "data_options", multiple=True, metavar="KEY=VALUE", help="Dataset option.")
+@click.option("--limit", type=int, default=None, help="nll: evaluate the first N data points only.")
+@click.option("--variance", default="auto", show_default=True,
+              help="nll: Σ of the reverse steps: auto (learned if the model has it, else β̃), posterior, beta, learned.")
+@click.option("--sampler", "samplers", default="ddim", show_default=True, help="fid: sampler(s), comma list.")
+@click.option("--steps", default="10,20,50,100", show_default=True, help="fid: comma list of step counts.")
+@click.option("--eta", default=None, help="fid: comma list of DDIM η (one line each).")
+@click.option("--sampler-option", "sampler_options", multiple=True, metavar="KEY=VALUE",
+              help="fid: option for every sampler, e.g. variance=beta (repeatable).")
+@click.option("--guidance", default=None, help="fid: guidance plugin (cfg or classifier).")
+@click.option("--scale", type=float, default=None, help="fid: guidance scale.")
+@click.option("--classifier", default=None, help="fid: classifier checkpoint for --guidance classifier.")
+@click.option("--features", default=None,
+              help="fid: feature network checkpoint (toolkit train-features), or 'raw' (default: shipped for digits).")
+@click.option("--unconditional", is_flag=True, help="fid: sample a class-conditional model from the null label.")
+@click.option("-n", "n", default=1000, show_default=True, type=int, help="fid: samples per row.")
+@click.option("--plot", default=None, type=click.Path(), help="fid: write a PNG of quality against steps.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--batch-size", default=500, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--out", default=None, type=click.Path(), help="Also write the JSON to this file.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--quiet", "-q", is_flag=True)
+def evaluate_cmd(model, metric, dataset, data_options, limit, variance, samplers, steps, eta, sampler_options,
+                 guidance, scale, classifier, features, unconditional, n, plot, seed, batch_size, as_json, out,
+                 device, quiet) -> None:
+    """Evaluate a model: the bound in bits/dim (nll), or sample quality over samplers and steps (fid)."""
+    from toolkit import evaluate
+    from toolkit.files import atomic_write
+
+    if out is not None and (Path(out).suffix != ".json" or not Path(out).parent.resolve().is_dir()):
+        raise ToolkitError(f"--out must be a .json file in an existing folder, got {out!r}")
+    if plot is not None and (Path(plot).suffix != ".png" or not Path(plot).parent.resolve().is_dir()):
+        raise ToolkitError(f"--plot must be a .png file in an existing folder, got {plot!r}")
+    if plot is not None and metric != "fid":
+        raise ToolkitError("--plot applies to --metric fid")
+    ds_options = parse_options(data_options, "--data-option")
+    name = None
+    if dataset is not None:
+        name, ds_options = _dataset_arg(dataset, ds_options)
+    if metric == "nll":
+        from toolkit.checkpoint import resolve_checkpoint
+
+        path = resolve_checkpoint(model or "digits")
+        if batch_size < 1:
+            raise ToolkitError(f"--batch-size must be positive, got {batch_size}")
+        with progress_bar(1, "nll", quiet) as bar:  # one tick per network call; length set once known
+
+            def tick(k: int) -> None:
+                if bar is not None:
+                    bar.update(k)
+
+            result = evaluate.nll(path, dataset=name, dataset_options=ds_options, limit=limit,
+                                  batch_size=batch_size, variance=variance, seed=seed, device=device,
+                                  progress=tick, on_start=(lambda total: setattr(bar, "length", total))
+                                  if bar is not None else None)
+        payload = {"metric": "nll", "model": str(path), **result.to_json()}
+        if as_json:
+            click.echo(json.dumps(payload, indent=2))
+        else:
+            click.echo(f"bound on -log p(x_0), {result.n} points, variance {result.variance}, "
+                       f"conditioning: {result.conditioning}")
+            click.echo(f"  L_T (prior)        {result.prior:10.4f} bits/dim")
+            click.echo(f"  sum L_t-1 (t>=2)   {result.diffusion:10.4f} bits/dim")
+            click.echo(f"  L_0 (decoder)      {result.decoder:10.4f} bits/dim")
+            click.echo(f"  total              {result.bits_per_dim:10.4f} ± {result.stderr:.4f} bits/dim")
+    else:
+        grid = evaluate.sampler_grid([s.strip() for s in samplers.split(",") if s.strip()],
+                                     _float_list(eta, "--eta"), parse_options(sampler_options, "--sampler-option"))
+        step_list = [int(v) for v in (_float_list(steps, "--steps") or [])]
+        guidance_options: dict[str, Any] = {}
+        if scale is not None:
+            if guidance is None:
+                raise ToolkitError("--scale needs --guidance")
+            guidance_options["scale"] = scale
+        if classifier is not None:
+            if guidance != "classifier":
+                raise ToolkitError("--classifier needs --guidance classifier")
+            guidance_options["classifier"] = classifier
+        with progress_bar(sum(step_list) * len(grid) * -(-n // batch_size), "sample", quiet) as bar:
+            report = evaluate.sample_quality(
+                model, grid, step_list, n=n, seed=seed, guidance=guidance, guidance_options=guidance_options,
+                features=features, dataset=name, dataset_options=ds_options, conditional=not unconditional,
+                batch_size=batch_size, device=device, progress=(lambda k: bar.update(k)) if bar is not None else None)
+        payload = {"metric": "fid", "model": model or "digits", "guidance": guidance, **guidance_options,
+                   **report.to_json()}
+        if plot is not None:
+            evaluate.plot_quality(report, plot)
+        if as_json:
+            click.echo(json.dumps(payload, indent=2))
+        else:
+            click.echo(f"{report.dataset}: Fréchet distance in {report.features} features, n={report.n} "
+                       f"(real data scores {report.reference_fd:.3f})")
+            click.echo(f"{'sampler':<28} {'steps':>6} {'FD':>9} {'accuracy':>9} {'entropy':>8} {'samples/s':>10}")
+            for r in report.rows:
+                acc = f"{r.accuracy:.3f}" if r.accuracy is not None else "-"
+                ent = f"{r.class_entropy:.3f}" if r.class_entropy is not None else "-"
+                click.echo(f"{r.label:<28} {r.steps:>6} {r.fd:>9.3f} {acc:>9} {ent:>8} {r.samples_per_s:>10.1f}")
+            if plot is not None:
+                click.echo(f"wrote {plot}")
+    if out is not None:
+        text = json.dumps(payload, indent=2)
+        atomic_write(Path(out), lambda tmp: Path(tmp).write_text(text))
 
 
 def main() -> None:

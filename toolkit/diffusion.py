@@ -144,11 +144,36 @@ def learned_range_log_variance(schedule: Schedule, t: Tensor, v_raw: Tensor) -> 
     return frac * log_beta.to(v_raw.dtype) + (1 - frac) * log_tilde.to(v_raw.dtype)
 
 
+def fixed_log_variance(schedule: Schedule, t: Tensor, like: Tensor, mode: str) -> Tensor:
+    """log σ_t² of a fixed-variance reverse step: "posterior" β̃_t or "beta" β_t (both with β̃_1 at t=0,
+    as guided-diffusion's fixedsmall / fixedlarge), in float64."""
+    if mode == "posterior":
+        return posterior_log_variance_clipped(schedule, t, like)
+    if mode != "beta":
+        raise ValueError(f"fixed variance must be 'posterior' or 'beta', not {mode!r}")
+    log_beta = torch.log(schedule.betas.to(torch.float64))
+    clipped = posterior_log_variance_clipped(schedule, torch.ones_like(t), like)
+    return torch.where((t == 0).reshape(clipped.shape), clipped, gather(log_beta, t, like, torch.float64))
+
+
+def prior_kl(schedule: Schedule, x0: Tensor) -> Tensor:
+    """L_T = KL(q(x_T | x_0) ‖ N(0, I)) of each sample in bits/dim: the price of the prior (no parameters)."""
+    t = torch.full((x0.shape[0],), schedule.num_timesteps - 1, device=x0.device, dtype=torch.long)
+    a = alpha_bar(schedule, t, x0, torch.float64)
+    mean, log_var = a.sqrt() * x0.double(), torch.log1p(-a).expand_as(x0)
+    kl = normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(mean))
+    return (kl.mean(dim=tuple(range(1, x0.ndim))) / math.log(2.0)).to(x0.dtype)
+
+
 def vlb_terms(schedule: Schedule, x0: Tensor, x_t: Tensor, t: Tensor, eps: Tensor, log_variance: Tensor,
-              levels: int | None) -> Tensor:
+              levels: int | None, clip_x0: bool = False) -> Tensor:
     """The VLB term L_t of each sample in bits/dim: KL(q(x_{t-1}|x_t,x_0) ‖ p_θ(x_{t-1}|x_t)) for t ≥ 1,
-    and L_0 = −log p_θ(x_0|x_1) (discretized Gaussian with ``levels``, or a Gaussian density when None)."""
-    mean_p, _ = q_posterior(schedule, predict_x0(schedule, x_t, t, eps), x_t, t)
+    and L_0 = −log p_θ(x_0|x_1) (discretized Gaussian with ``levels``, or a Gaussian density when None).
+    ``clip_x0`` clips the predicted x_0 to [-1, 1] as sampling does (evaluation; training does not)."""
+    x0_pred = predict_x0(schedule, x_t, t, eps)
+    if clip_x0:
+        x0_pred = x0_pred.clamp(-1, 1)
+    mean_p, _ = q_posterior(schedule, x0_pred, x_t, t)
     mean_q, _ = q_posterior(schedule, x0, x_t, t)
     log_var_q = posterior_log_variance_clipped(schedule, t, x_t).to(x_t.dtype)
     dims = tuple(range(1, x0.ndim))

@@ -242,7 +242,7 @@ def compose(
     if model is None or isinstance(model, (str, os.PathLike)):
         ckpt = load_checkpoint(DEFAULT_MODEL if model is None else model, device=device)
         if ckpt.kind != "noise_predictor":
-            raise ToolkitError(f"checkpoint {str(ckpt.path)!r} holds a {ckpt.kind}, not a noise predictor")
+            raise ToolkitError(f"checkpoint {str(ckpt.path)!r} holds a {ckpt.kind} checkpoint, not a noise predictor")
         predictor, train_schedule, config = ckpt.model, ckpt.schedule, ckpt.config
     else:
         missing = missing_attributes(model, NoisePredictor)

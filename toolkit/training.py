@@ -1,5 +1,6 @@
 """One training loop (AdamW, warm-up, EMA, clipping, atomic checkpoints, exact resume) for every task:
-a noise predictor with Algorithm 1 of Ho et al. (L_simple), or a noise-aware classifier p_φ(y|x_t, t)."""
+a noise predictor with Algorithm 1 of Ho et al. (L_simple), a noise-aware classifier p_φ(y|x_t, t), or
+a clean-data classifier whose features the Fréchet distance of `toolkit evaluate` uses."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from toolkit.errors import CheckpointError, ToolkitError, parse_device
 from toolkit.noise import sample_seed
 from toolkit.registry import create
 
-TASKS = ("noise_predictor", "classifier")
+TASKS = ("noise_predictor", "classifier", "features")
 SYNC_EVERY = 10
 RESUMABLE_CHANGES = ("steps", "checkpoint_every")  # everything else must match the checkpoint to resume  # steps between reading the loss back (progress bar, divergence check)
 
@@ -62,6 +63,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     checkpoint_every: int = field(default=1000, validator=_positive)
+    holdout: float = field(default=0.0, validator=_unit)  # fraction of the data kept out, to report accuracy
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,7 +100,7 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor]) -> N
 
 def build(config: TrainConfig, data: ArrayDataset) -> nn.Module:
     """The network the config describes, shaped for the data."""
-    if config.task == "classifier":
+    if config.task in ("classifier", "features"):
         if data.y is None:
             raise ToolkitError(f"dataset {data.name!r} has no labels: it cannot train a classifier")
         model = create("classifier", config.model, **{**config.model_options, "sample_shape": data.sample_shape,
@@ -154,6 +156,22 @@ def loss_hybrid(model: nn.Module, schedule, x0: Tensor, t: Tensor, noise: Tensor
     return simple + HYBRID_LAMBDA * schedule.num_timesteps * vlb
 
 
+def loss_features(model: nn.Module, x0: Tensor, y: Tensor) -> Tensor:
+    """Cross-entropy of a classifier on the clean data (its penultimate layer becomes the FD features)."""
+    return F.cross_entropy(model(x0), y)
+
+
+@torch.no_grad()
+def holdout_accuracy(model: nn.Module, task: str, x: Tensor, y: Tensor) -> float:
+    """Accuracy on held-out clean data (a noise-aware classifier is asked at t = 0)."""
+    was = model.training
+    model.eval()
+    t = torch.zeros(len(x), dtype=torch.long, device=x.device)
+    logits = model(x) if task == "features" else model(x, t)
+    model.train(was)
+    return float((logits.argmax(1) == y).float().mean())
+
+
 def loss_classifier(model: nn.Module, schedule, x0: Tensor, t: Tensor, noise: Tensor, y: Tensor) -> Tensor:
     """Cross-entropy of p_φ(y | x_t, t) on data noised to a uniformly drawn t (Dhariwal & Nichol)."""
     return F.cross_entropy(model(diffusion.q_sample(schedule, x0, t, noise), t), y)
@@ -203,7 +221,7 @@ def train(
     schedule = create("schedule", config.schedule, num_timesteps=config.num_timesteps)
     torch.manual_seed(config.seed)
     model = build(config, data).to(device)
-    classifier = config.task == "classifier"
+    classifier = config.task in ("classifier", "features")
     conditional = model.num_classes is not None
     config = TrainConfig(**{**config.to_json(), "conditional": conditional})
     ema = _ema(model, config.ema_decay)
@@ -220,6 +238,16 @@ def train(
     x_all = data.x.to(device)
     y_all = data.y.to(device) if conditional else None
     N = len(data)
+    pool = torch.arange(N)  # training indices; a seeded held-out split leaves them with --holdout
+    held = pool[:0]
+    if config.holdout > 0:
+        if not classifier:
+            raise ToolkitError("--holdout applies to classifier and feature-network training only")
+        perm = torch.randperm(N, generator=torch.Generator().manual_seed(config.seed))
+        n_held = max(1, int(round(config.holdout * N)))
+        if n_held >= N:
+            raise ToolkitError(f"--holdout {config.holdout} leaves no training data")
+        held, pool = perm[:n_held], perm[n_held:].sort().values
     params = sum(p.numel() for p in model.parameters())
 
     def lr_at(step: int) -> float:
@@ -241,6 +269,10 @@ def train(
                          "elapsed_s": round(elapsed, 2), "command": history[0] if history else command,
                          "commands": [c for c in [*history, command] if c], "torch_version": torch.__version__},
         }
+        if classifier and len(held):
+            cfg["training"]["holdout_accuracy"] = holdout_accuracy(
+                ema.module, config.task, x_all[held.to(device)], y_all[held.to(device)])
+            cfg["training"]["holdout_size"] = len(held)
         extra = {"model." + k: v for k, v in model.state_dict().items()}
         extra.update(_optimizer_tensors(opt))
         extra["ema.n_averaged"] = ema.n_averaged.detach().clone()
@@ -258,7 +290,7 @@ def train(
         return TrainResult(out, start_step, math.nan, 0.0)
     for step in range(start_step, config.steps):
         g = torch.Generator().manual_seed(sample_seed(config.seed, step))  # stateless: resumes exactly
-        idx = torch.randint(N, (config.batch_size,), generator=g)
+        idx = pool[torch.randint(len(pool), (config.batch_size,), generator=g)]
         t = torch.randint(config.num_timesteps, (config.batch_size,), generator=g)
         noise = torch.randn((config.batch_size, *data.sample_shape), generator=g)
         drop = torch.rand(config.batch_size, generator=g) < config.p_uncond
@@ -271,7 +303,9 @@ def train(
                             y_all[idx.to(device)])
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        if classifier:
+        if config.task == "features":
+            loss = loss_features(model, x0, y)
+        elif classifier:
             loss = loss_classifier(model, schedule, x0, t.to(device), noise.to(device), y)
         elif config.loss == "hybrid":
             loss = loss_hybrid(model, schedule, x0, t.to(device), noise.to(device), y, data.levels)

@@ -3,6 +3,7 @@
 from toolkit.hookspecs import hookimpl
 
 from .classifier import NoisyClassifier
+from .features import FeatureCNN
 from .mlp import MLP
 from .unet import UNet
 
@@ -16,6 +17,7 @@ def register_models(register):
 @hookimpl
 def register_classifiers(register):
     register("unet-encoder", NoisyClassifier)
+    register("cnn", FeatureCNN)  # clean-data classifier: the feature network of `evaluate --metric fid`
 
 
-__all__ = ["MLP", "NoisyClassifier", "UNet"]
+__all__ = ["MLP", "FeatureCNN", "NoisyClassifier", "UNet"]

@@ -1,0 +1,365 @@
+"""Model evaluation: the variational bound in bits/dim (Ho et al. eq. 5, Nichol & Dhariwal §2) and a
+sample-quality sweep (Fréchet distance in a feature network's space, class accuracy, class entropy)."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from attrs import asdict, define
+from torch import Tensor
+
+from toolkit import diffusion
+from toolkit.data import ArrayDataset
+from toolkit.errors import ToolkitError
+from toolkit.metrics import class_entropy, frechet_distance
+from toolkit.noise import sample_seed
+from toolkit.protocols import ModelFn, Schedule
+
+VARIANCES = ("auto", "posterior", "beta", "learned")
+NOISE_CHUNK_ELEMENTS = 1 << 24  # noise drawn ahead for several timesteps, at most this many values
+
+
+@define(frozen=True)
+class BoundResult:
+    """The bound −log p(x_0) ≤ L_T + Σ_{t≥2} L_{t−1} + L_0, each averaged over the data, in bits/dim."""
+
+    bits_per_dim: float
+    prior: float  # L_T = KL(q(x_T|x_0) ‖ N(0, I))
+    diffusion: float  # Σ_{t=2..T} L_{t−1}, the KL terms of the reverse steps
+    decoder: float  # L_0 = −log p_θ(x_0 | x_1)
+    stderr: float  # standard error of bits_per_dim over the data points
+    n: int
+    levels: int | None
+    variance: str
+    conditioning: str
+    per_timestep: list[float]  # mean L_t for t = 0..T-1 (0-based), bits/dim
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def bound_terms(model_fn: ModelFn, schedule: Schedule, x0: Tensor, *, levels: int | None,
+                log_variance_fn: Callable[[Tensor, Tensor, Tensor], Tensor], clip_x0: bool = True,
+                seed: int = 0, indices: Sequence[int] | None = None,
+                progress: Callable[[int], None] | None = None) -> tuple[Tensor, Tensor]:
+    """L_T [B] and the terms L_t [B, T] (t = 0..T−1; column 0 is L_0) of every sample, in bits/dim.
+
+    ``model_fn(x_t, t)`` gives ε (and the raw variance channels); ``log_variance_fn(out, x_t, t)``
+    gives log Σ_θ. Each x_t is a fresh draw from q(x_t | x_0) with noise from sample i's stream.
+    """
+    B, T = x0.shape[0], schedule.num_timesteps
+    indices = list(range(B)) if indices is None else list(indices)
+    gens = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in indices]
+    terms = torch.zeros(B, T, dtype=torch.float64)
+    C = x0.shape[1]
+    dims = math.prod(x0.shape[1:])
+    chunk = max(1, min(T, NOISE_CHUNK_ELEMENTS // max(1, B * dims)))  # draw the noise of many t at once
+    block: Tensor | None = None
+    for k, t_int in enumerate(reversed(range(T))):
+        if k % chunk == 0:
+            m = min(chunk, T - k)
+            block = torch.stack([torch.randn((m, *x0.shape[1:]), generator=g) for g in gens], 1).to(x0.device)
+        t = torch.full((B,), t_int, dtype=torch.long, device=x0.device)
+        noise = block[k % chunk]
+        x_t = diffusion.q_sample(schedule, x0, t, noise)
+        out = model_fn(x_t, t)
+        eps = out[:, :C]
+        log_var = log_variance_fn(out, x_t, t).to(x0.dtype)
+        terms[:, t_int] = diffusion.vlb_terms(schedule, x0, x_t, t, eps, log_var, levels, clip_x0).double().cpu()
+        if progress is not None:
+            progress(1)
+    return diffusion.prior_kl(schedule, x0.double()).cpu(), terms
+
+
+def log_variance_for(schedule: Schedule, variance: str, learned: bool) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """log Σ_θ(x_t, t) of the full-length reverse chain: learned range, or fixed β̃ / β."""
+    if variance not in VARIANCES:
+        raise ToolkitError(f"variance must be one of {', '.join(VARIANCES)}, not {variance!r}")
+    if variance == "auto":
+        variance = "learned" if learned else "posterior"
+    if variance == "learned":
+        if not learned:
+            raise ToolkitError("variance 'learned' needs a model trained with --learn-variance")
+
+        def learned_fn(out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+            return diffusion.learned_range_log_variance(schedule, t, out[:, x_t.shape[1]:])
+
+        return learned_fn
+
+    def fixed_fn(out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        return diffusion.fixed_log_variance(schedule, t, x_t, variance).expand_as(x_t)
+
+    return fixed_fn
+
+
+def _model_and_data(model: str | os.PathLike, dataset: str | None, dataset_options: dict[str, Any] | None,
+                    device: str | torch.device):
+    """The pipeline of a noise-predictor checkpoint, with its data set (or the one named) checked to fit."""
+    from toolkit.pipeline import compose
+    from toolkit.registry import create
+
+    pipe = compose(model=model, sampler="ddim", steps=1, device=device)
+    if pipe.latent is not None or pipe.config.get("latent"):
+        raise ToolkitError("nll is not available for a latent model: its bound is on latents, not on the data")
+    data_cfg = pipe.config.get("data", {})
+    if dataset is None:
+        if "dataset" not in data_cfg:
+            raise ToolkitError("the checkpoint does not record its data set: pass --dataset")
+        dataset, dataset_options = data_cfg["dataset"], data_cfg.get("options", {})
+    data: ArrayDataset = create("dataset", dataset, **(dataset_options or {}))
+    if tuple(data.sample_shape) != tuple(pipe.sample_shape):
+        raise ToolkitError(f"dataset {data.name!r} has samples of shape {tuple(data.sample_shape)}, "
+                           f"the model {tuple(pipe.sample_shape)}")
+    return pipe, data
+
+
+def nll(model: str | os.PathLike, *, dataset: str | None = None, dataset_options: dict[str, Any] | None = None,
+        limit: int | None = None, batch_size: int = 256, variance: str = "auto", clip_x0: bool = True,
+        seed: int = 0, device: str | torch.device = "cpu", progress: Callable[[int], None] | None = None,
+        on_start: Callable[[int], None] | None = None) -> BoundResult:
+    """The variational bound of a checkpoint on its data set (or ``dataset``), in bits/dim.
+
+    A class-conditional model is evaluated on p(x | y) with each point's own label. ``limit``
+    takes the first N points; ``progress`` is called once per network evaluation batch, after
+    ``on_start`` was told how many there will be.
+    """
+    pipe, data = _model_and_data(model, dataset, dataset_options, device)
+    if limit is not None and limit < 1:
+        raise ToolkitError(f"--limit must be positive, got {limit}")
+    if batch_size < 1:
+        raise ToolkitError(f"batch size must be positive, got {batch_size}")
+    n = len(data) if limit is None else min(limit, len(data))
+    schedule = pipe.schedule
+    learned = bool(getattr(pipe.predictor, "learned_variance", False))
+    log_var_fn = log_variance_for(schedule, variance, learned)
+    conditional = pipe.num_classes is not None and data.y is not None
+    priors, terms = [], []
+    if on_start is not None:
+        on_start(-(-n // batch_size) * schedule.num_timesteps)
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            stop = min(n, start + batch_size)
+            x0 = data.x[start:stop].to(pipe.device, torch.float32)
+            y = data.y[start:stop].to(pipe.device) if conditional else None
+            if y is None and pipe.num_classes is not None:
+                y = torch.full((stop - start,), pipe.num_classes, dtype=torch.long, device=pipe.device)
+            prior, per_t = bound_terms(pipe.model_fn(y), schedule, x0, levels=data.levels,
+                                       log_variance_fn=log_var_fn, clip_x0=clip_x0, seed=seed,
+                                       indices=range(start, stop), progress=progress)
+            priors.append(prior)
+            terms.append(per_t)
+    prior, per_t = torch.cat(priors), torch.cat(terms)
+    total = prior + per_t.sum(1)
+    mode = variance if variance != "auto" else ("learned" if learned else "posterior")
+    return BoundResult(
+        bits_per_dim=float(total.mean()), prior=float(prior.mean()), diffusion=float(per_t[:, 1:].sum(1).mean()),
+        decoder=float(per_t[:, 0].mean()), stderr=float(total.std() / math.sqrt(n)) if n > 1 else math.nan,
+        n=n, levels=data.levels, variance=mode,
+        conditioning="labels" if conditional else ("null label" if pipe.num_classes is not None else "none"),
+        per_timestep=[float(v) for v in per_t.mean(0)])
+
+
+# ---------------------------------------------------------------- sample quality
+
+
+@define
+class FeatureSpace:
+    """The space the Fréchet distance is measured in: a feature network's embedding, or the raw data."""
+
+    name: str
+    features_fn: Callable[[Tensor], Tensor]
+    logits_fn: Callable[[Tensor], Tensor] | None = None
+    num_classes: int | None = None
+    holdout_accuracy: float | None = None
+
+    @torch.no_grad()
+    def features(self, x: Tensor, batch_size: int = 1000) -> np.ndarray:
+        return np.concatenate([self.features_fn(x[i:i + batch_size].float()).double().cpu().numpy()
+                               for i in range(0, len(x), batch_size)])
+
+    @torch.no_grad()
+    def probs(self, x: Tensor, batch_size: int = 1000) -> np.ndarray | None:
+        if self.logits_fn is None:
+            return None
+        return np.concatenate([torch.softmax(self.logits_fn(x[i:i + batch_size].float()), 1).double().cpu().numpy()
+                               for i in range(0, len(x), batch_size)])
+
+
+DEFAULT_FEATURES = {"digits": "digits-features"}  # data set → shipped feature network
+
+
+def feature_space(features: str | os.PathLike | None, dataset: str, sample_shape: tuple[int, ...]) -> FeatureSpace:
+    """A feature checkpoint (directory or shipped name), "raw" (the data itself, for low-dimensional
+    vectors), or None: the shipped network for the data set if there is one."""
+    from toolkit.checkpoint import load_checkpoint
+
+    if features is None:
+        features = DEFAULT_FEATURES.get(dataset)
+        if features is None:
+            raise ToolkitError(f"no shipped feature network for dataset {dataset!r}: pass --features DIR "
+                               f"(train one with `toolkit train-features --dataset {dataset} --out DIR`) "
+                               f"or --features raw for low-dimensional vector data")
+    if str(features) == "raw":
+        return FeatureSpace("raw", lambda x: x.reshape(len(x), -1))
+    ckpt = load_checkpoint(features)
+    net = ckpt.model
+    if ckpt.kind != "features" or not hasattr(net, "features"):
+        raise ToolkitError(f"{str(ckpt.path)!r} is a {ckpt.kind} checkpoint, not a feature network "
+                           f"(make one with `toolkit train-features`)")
+    if tuple(net.sample_shape) != tuple(sample_shape):
+        raise ToolkitError(f"feature network {str(ckpt.path)!r} takes samples of shape {tuple(net.sample_shape)}, "
+                           f"the model makes {tuple(sample_shape)}")
+    return FeatureSpace(str(features), net.features, net, net.num_classes,
+                        ckpt.config.get("training", {}).get("holdout_accuracy"))
+
+
+@define(frozen=True)
+class QualityRow:
+    """One point of the sweep: a sampler (with its options) at a number of steps."""
+
+    sampler: str
+    options: dict[str, Any]
+    steps: int
+    fd: float
+    accuracy: float | None  # class-conditional samples classified as their label
+    class_entropy: float | None  # unconditional samples: entropy of the mean class distribution (nats)
+    samples_per_s: float
+    n: int
+
+    @property
+    def label(self) -> str:
+        opts = ",".join(f"{k}={v}" for k, v in self.options.items())
+        return f"{self.sampler}({opts})" if opts else self.sampler
+
+
+@define(frozen=True)
+class QualityReport:
+    rows: list[QualityRow]
+    reference_fd: float  # FD of n real points (a random subset): about what a perfect model scores
+    features: str
+    feature_holdout_accuracy: float | None
+    dataset: str
+    n: int
+    seed: int
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        for row, d in zip(self.rows, out["rows"]):
+            d["label"] = row.label
+        return out
+
+
+def sampler_grid(samplers: Sequence[str], etas: Sequence[float] | None,
+                 options: dict[str, Any] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """(sampler, options) pairs: each η for samplers that take one, the shared options for all that accept them."""
+    from toolkit.registry import create
+
+    grid = []
+    for name in samplers:
+        opts = dict(options or {})
+        base = create("sampler", name, **opts)  # validates the name and the options now
+        if etas and hasattr(base, "eta"):
+            grid += [(name, {**opts, "eta": float(e)}) for e in etas]
+        else:
+            grid.append((name, opts))
+    return grid
+
+
+def sample_quality(model: str | os.PathLike | None, samplers: Sequence[tuple[str, dict[str, Any]]],
+                   steps: Sequence[int], *, n: int = 1000, seed: int = 0, guidance: str | None = None,
+                   guidance_options: dict[str, Any] | None = None, features: str | os.PathLike | None = None,
+                   dataset: str | None = None, dataset_options: dict[str, Any] | None = None,
+                   conditional: bool = True, batch_size: int = 500, device: str | torch.device = "cpu",
+                   progress: Callable[[int], None] | None = None) -> QualityReport:
+    """Sample n points per (sampler, steps) and score them against the data set in a feature space.
+
+    A class-conditional model draws balanced labels (i mod K) and reports how many samples the
+    feature network classifies as their label; with ``conditional=False`` it samples from the null
+    label and reports the class entropy instead (log K when all classes appear equally).
+    """
+    from toolkit.pipeline import compose
+    from toolkit.registry import create
+
+    if n < 2:
+        raise ToolkitError(f"-n must be at least 2 for a Fréchet distance, got {n}")
+    if not steps or not samplers:
+        raise ToolkitError("give at least one sampler and one number of steps")
+    pipes = {}
+    for name, opts in samplers:
+        for s in steps:
+            pipes[(name, tuple(sorted(opts.items())), s)] = compose(
+                model=model, sampler=name, steps=int(s), guidance=guidance, guidance_options=guidance_options,
+                device=device, batch_size=batch_size, **opts)
+    first = next(iter(pipes.values()))
+    data_cfg = first.config.get("data", {})
+    if dataset is None:
+        if "dataset" not in data_cfg:
+            raise ToolkitError("the checkpoint does not record its data set: pass --dataset")
+        dataset, dataset_options = data_cfg["dataset"], data_cfg.get("options", {})
+    data: ArrayDataset = create("dataset", dataset, **(dataset_options or {}))
+    if tuple(data.sample_shape) != tuple(first.sample_shape):
+        raise ToolkitError(f"dataset {data.name!r} has samples of shape {tuple(data.sample_shape)}, "
+                           f"the model {tuple(first.sample_shape)}")
+    space = feature_space(features, data.name, data.sample_shape)
+    real = space.features(data.x)
+    K = first.num_classes
+    labels = None
+    if guidance is not None and K is None:
+        raise ToolkitError("guidance needs a class-conditional model or classifier")
+    if K is not None and (conditional or guidance is not None):
+        labels = torch.arange(n) % K
+    if labels is not None and space.num_classes is not None and space.num_classes != K:
+        raise ToolkitError(f"the feature network knows {space.num_classes} classes, the model {K}")
+    rows = []
+    for (name, opts, s), pipe in pipes.items():
+        t0 = time.perf_counter()
+        x = pipe.sample(n, seed=seed, labels=labels, progress=progress)
+        rate = n / (time.perf_counter() - t0)
+        feats = space.features(x)
+        probs = space.probs(x)
+        acc = ent = None
+        if probs is not None and labels is not None:
+            acc = float((probs.argmax(1) == labels.numpy()).mean())
+        elif probs is not None:
+            ent = class_entropy(probs)
+        rows.append(QualityRow(name, dict(opts), int(s), frechet_distance(real, feats), acc, ent, rate, n))
+    g = torch.Generator().manual_seed(seed)
+    idx = (torch.randperm(len(real), generator=g)[:n] if n <= len(real)
+           else torch.randint(len(real), (n,), generator=g)).numpy()
+    return QualityReport(rows, frechet_distance(real, real[idx]), space.name, space.holdout_accuracy,
+                         data.name, n, seed)
+
+
+def plot_quality(report: QualityReport, path: str | os.PathLike, metric: str = "fd") -> None:
+    """Quality against steps, one line per sampler and options (needs matplotlib: the `plot` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ToolkitError("--plot needs matplotlib: pip install 'diffusion-toolkit[plot]'") from None
+    from toolkit.files import atomic_write
+
+    lines: dict[str, list[QualityRow]] = {}
+    for row in report.rows:
+        lines.setdefault(row.label, []).append(row)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for label, rows in lines.items():
+        rows = sorted(rows, key=lambda r: r.steps)
+        ax.plot([r.steps for r in rows], [getattr(r, metric) for r in rows], marker="o", label=label)
+    ax.axhline(report.reference_fd, color="grey", linestyle=":", label=f"real data (n={report.n})")
+    ax.set_xscale("log")
+    ax.set_xlabel("sampling steps")
+    ax.set_ylabel("Fréchet distance" if metric == "fd" else metric)
+    ax.set_title(f"{report.dataset}: {metric} in {report.features} features, n={report.n}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
