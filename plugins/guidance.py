@@ -63,7 +63,8 @@ class CFGPredictor(_Wrapped):
             raise ToolkitError("classifier-free guidance needs class labels (--class)")
         null = torch.full_like(y, K)
         out = self.inner(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null]))
-        cond, uncond = out.chunk(2)
+        B = x_t.shape[0]
+        cond, uncond = out[:B], out[B:]  # slices, not chunk(2): chunk pins the batch size in torch.export
         C = x_t.shape[1]
         w = _per_sample(self.scale, x_t)
         guided = (w + 1) * cond[:, :C] - w * uncond[:, :C]

@@ -62,3 +62,16 @@ def test_plugin_own_tests_pass(installed):
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLE / "tests")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+
+
+def test_export_the_plugin_sampler_to_onnx(installed, tmp_path):
+    """Its step is traceable, so its whole sampling run exports and onnxruntime reproduces PyTorch."""
+    graph, ref, got = tmp_path / "euler.onnx", tmp_path / "ref.npy", tmp_path / "got.npy"
+    r = toolkit("export", "onnx", "--sampler", "euler", "--schedule", "sigmoid", "--steps", 8, "--out", graph)
+    assert r.returncode == 0, r.stderr
+    common = ["-n", 4, "--class", "1,2", "--seed", 5]
+    assert toolkit("compose", "--sampler", "euler", "--schedule", "sigmoid", "--steps", 8, *common,
+                   "--out", ref).returncode == 0
+    r = toolkit("compose", "--backend", "onnxruntime", "--onnx", graph, *common, "--out", got)
+    assert r.returncode == 0, r.stderr
+    assert np.abs(np.load(ref) - np.load(got)).max() < 1e-4

@@ -271,9 +271,16 @@ def parse_classes(text: str | None, n: int, num_classes: int | None) -> tuple[li
 @click.option("--batch-size", default=500, show_default=True, type=int)
 @click.option("--out", default="samples.png", show_default=True, type=click.Path(), help=".png grid or .npy array.")
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
+              help="onnxruntime: sample through the exported sampler graph (exported to a cache on first use).")
+@click.option("--onnx", "onnx_file", default=None, type=click.Path(),
+              help="With --backend onnxruntime: a graph from `toolkit export onnx` (sampler, steps, guidance from it).")
+@click.option("--layout", type=click.Choice(["loop", "unrolled"]), default="loop", show_default=True,
+              help="With --backend onnxruntime: graph layout when exporting on the fly.")
 @click.option("--quiet", "-q", is_flag=True)
 def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_options, num_timesteps, model, guidance,
-                scale, classifier, class_, n, seed, batch_size, out, device, quiet) -> None:
+                scale, classifier, class_, n, seed, batch_size, out, device, backend, onnx_file, layout,
+                quiet) -> None:
     """Compose a pipeline from named plugins and sample from it."""
     import toolkit
     from toolkit.images import check_output, save_samples
@@ -283,6 +290,19 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
         raise ToolkitError(f"-n must be positive, got {n}")
     if batch_size < 1:
         raise ToolkitError(f"--batch-size must be positive, got {batch_size}")
+    if onnx_file is not None:
+        if backend != "onnxruntime":
+            raise ToolkitError("--onnx needs --backend onnxruntime")
+        from click.core import ParameterSource
+
+        ctx = click.get_current_context()
+        given = [p for p in ("schedule", "sampler", "steps", "eta", "spacing", "variance", "sampler_options",
+                             "num_timesteps", "model", "guidance", "classifier")
+                 if ctx.get_parameter_source(p) != ParameterSource.DEFAULT]
+        if given:
+            raise ToolkitError(f"--onnx takes the model, sampler and guidance from the graph: drop --{given[0].replace('_', '-')}")
+        _compose_onnx(onnx_file, None, class_, n, seed, batch_size, out, device, scale, quiet)
+        return
     options = parse_options(sampler_options, "--sampler-option")
     for key, value in (("eta", eta), ("spacing", spacing), ("variance", variance)):
         if value is not None:
@@ -299,6 +319,12 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
     pipe = toolkit.compose(schedule=schedule, sampler=sampler, model=model, guidance=guidance, steps=steps,
                            num_timesteps=num_timesteps, device=device, batch_size=batch_size,
                            guidance_options=guidance_options, **options)
+    if backend == "onnxruntime":
+        from toolkit.exporters.onnx import cached_sampler_graph
+
+        _compose_onnx(cached_sampler_graph(pipe, layout), pipe, class_, n, seed, batch_size, out, device, scale,
+                      quiet)
+        return
     labels, nrow = parse_classes(class_, n, pipe.num_classes)
     if guidance is not None and labels is None:
         raise ToolkitError(f"--guidance {guidance} needs --class (a label, a comma list or 'all')")
@@ -310,6 +336,102 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
                               progress=(lambda k: bar.update(k)) if bar is not None else None)
     save_samples(samples, out, nrow=nrow)
     click.echo(f"wrote {out} ({n} samples, {pipe.sampler.name} {pipe.steps} steps, {pipe.schedule.name} schedule)")
+
+
+def _session(path, device: str):
+    from toolkit.exporters.runtime import GraphError, SamplerSession
+
+    provider = {"cpu": "cpu", "cuda": "cuda"}.get(str(device).split(":")[0])
+    if provider is None:
+        raise ToolkitError(f"--device must be cpu or cuda, got {device!r}")
+    try:
+        return SamplerSession(path, provider=provider)
+    except GraphError as exc:
+        raise ToolkitError(str(exc)) from exc
+
+
+def _compose_onnx(path, pipe, class_, n, seed, batch_size, out, device, scale, quiet) -> None:
+    """compose --backend onnxruntime: the same samples as the torch backend, computed by onnxruntime."""
+    from toolkit.exporters.onnx import sample_onnx
+    from toolkit.images import save_samples
+
+    session = _session(path, device)
+    labels, nrow = parse_classes(class_, n, session.num_classes)
+    if session.guidance and labels is None:
+        raise ToolkitError(f"the graph's {session.guidance} guidance needs --class (a label, a comma list or 'all')")
+    if scale is not None and not session.guidance:
+        raise ToolkitError("--scale needs a guided graph")
+    if labels is not None and nrow is not None:
+        n = len(labels)
+    samples = sample_onnx(session, n, seed=seed, labels=labels, scale=scale, batch_size=batch_size)
+    save_samples(samples, out, nrow=nrow)
+    meta = session.metadata
+    click.echo(f"wrote {out} ({n} samples, {meta['sampler']} {meta['steps']} steps, {meta['schedule']} schedule, "
+               f"onnxruntime {session.provider})")
+
+
+@cli.group("export")
+def export_group() -> None:
+    """Export a model or a whole sampler for other runtimes."""
+
+
+@export_group.command("onnx")
+@click.option("--model", default=None, help="Checkpoint directory or pretrained name (default: digits).")
+@click.option("--component", type=click.Choice(["sampler", "predictor"]), default="sampler", show_default=True,
+              help="sampler: the whole sampling run as one graph; predictor: the network ε_θ(x, t, y) alone.")
+@click.option("--schedule", default=None, help="Sampling schedule (default: the model's training schedule).")
+@click.option("--sampler", default="ddim", show_default=True)
+@click.option("--steps", type=int, default=None, help="Sampling steps S (default: ddim 50, ddpm T).")
+@click.option("--eta", type=float, default=None, help="DDIM η in [0, 1].")
+@click.option("--spacing", default=None, help="Timestep spacing.")
+@click.option("--variance", default=None, help="DDPM σ²: posterior, beta, learned, auto.")
+@click.option("--sampler-option", "sampler_options", multiple=True, metavar="KEY=VALUE")
+@click.option("--num-timesteps", "-T", type=int, default=None)
+@click.option("--guidance", default=None, help="cfg (the scale becomes a graph input).")
+@click.option("--scale", type=float, default=None, help="Default guidance scale recorded in the graph.")
+@click.option("--classifier", default=None, help="Classifier checkpoint for --guidance classifier.")
+@click.option("--layout", type=click.Choice(["loop", "unrolled"]), default="loop", show_default=True,
+              help="An ONNX Loop over one step (small, loads fast) or every step unrolled.")
+@click.option("--out", required=True, type=click.Path(), help="The .onnx file to write.")
+def export_onnx_cmd(model, component, schedule, sampler, steps, eta, spacing, variance, sampler_options,
+                    num_timesteps, guidance, scale, classifier, layout, out) -> None:
+    """Write an ONNX graph that onnxruntime runs without torch."""
+    import time
+
+    import toolkit
+    from toolkit.exporters import onnx as exporter
+
+    if Path(out).suffix != ".onnx":
+        raise ToolkitError(f"--out must be a .onnx file, got {out!r}")
+    if not Path(out).parent.resolve().is_dir():
+        raise ToolkitError(f"output folder {str(Path(out).parent)!r} does not exist")
+    options = parse_options(sampler_options, "--sampler-option")
+    for key, value in (("eta", eta), ("spacing", spacing), ("variance", variance)):
+        if value is not None:
+            options[key] = value
+    guidance_options: dict[str, Any] = {}
+    if scale is not None:
+        if guidance is None:
+            raise ToolkitError("--scale needs --guidance")
+        guidance_options["scale"] = scale
+    if classifier is not None:
+        guidance_options["classifier"] = classifier
+    t0 = time.perf_counter()
+    if component == "predictor":
+        if guidance is not None or options or steps is not None:
+            raise ToolkitError("--component predictor exports the network alone: drop the sampler and guidance options")
+        from toolkit.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(model or "digits")
+        if ckpt.kind != "noise_predictor":
+            raise ToolkitError(f"checkpoint {str(ckpt.path)!r} holds a {ckpt.kind} checkpoint, not a noise predictor")
+        path = exporter.export_predictor(ckpt.model, out, config=ckpt.config)
+    else:
+        pipe = toolkit.compose(schedule=schedule, sampler=sampler, model=model, guidance=guidance, steps=steps,
+                               num_timesteps=num_timesteps, guidance_options=guidance_options, **options)
+        path = exporter.export_sampler(pipe, out, layout=layout)
+    size = Path(path).stat().st_size
+    click.echo(f"wrote {path} ({size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s)")
 
 
 def _float_list(text: str | None, what: str) -> list[float] | None:

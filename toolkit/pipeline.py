@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from attrs import define, field
 from torch import Tensor, nn
@@ -19,8 +20,9 @@ DEFAULT_MODEL = "digits"
 
 
 def _same_schedule(a: Schedule, b: Schedule) -> bool:
-    return a.num_timesteps == b.num_timesteps and torch.allclose(
-        a.alphas_cumprod.to(torch.float64), b.alphas_cumprod.to(torch.float64), rtol=1e-10, atol=1e-12)
+    return a.num_timesteps == b.num_timesteps and bool(np.allclose(  # numpy: no tracing of constants on export
+        a.alphas_cumprod.detach().cpu().double().numpy(), b.alphas_cumprod.detach().cpu().double().numpy(),
+        rtol=1e-10, atol=1e-12))
 
 
 def _log_snr(schedule: Schedule) -> Tensor:
@@ -84,14 +86,18 @@ class Pipeline:
         times = times.to(self.device, torch.float32)
         return lambda t: times[t]
 
-    def model_fn(self, labels: Tensor | None, scale: Tensor | float | None = None) -> ModelFn:
-        """(x_t, t) → ε (and the variance output) with time mapping, labels and ε-space guidance applied."""
+    def model_fn(self, labels: Tensor | None, scale: Tensor | float | None = None,
+                 time_map: Callable[[Tensor], Tensor] | None = None) -> ModelFn:
+        """(x_t, t) → ε (and the variance output) with time mapping, labels and ε-space guidance applied.
+
+        ``time_map`` is a precomputed ``model_time_fn()`` (exporters build it once, outside the trace).
+        """
         predictor = self.predictor
         if self.guidance is not None and not self.mean_shift:
             predictor = self.guidance.wrap(self.predictor, scale)
         elif self.guidance is not None:
             labels = None  # mean shift: the model itself samples unconditionally (∅)
-        to_model_time = self.model_time_fn()
+        to_model_time = time_map or self.model_time_fn()
         prediction = getattr(predictor, "prediction", "epsilon")
         schedule = self.schedule
 

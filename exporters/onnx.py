@@ -1,0 +1,406 @@
+"""ONNX export: the noise predictor alone, or the whole sampling run (predictor, guidance and every
+step) as one graph that takes noise in and gives samples out, so that an application needs only
+onnxruntime (see ``toolkit.exporters.runtime``).
+
+One step is traced once with torch.export (dynamic batch) and converted by torch's ONNX exporter;
+the sampling run is then built at the ONNX level from that step, either as an ONNX ``Loop`` over the
+step (graph size and export time independent of the number of steps) or unrolled (one copy of the
+step's nodes per step, the weights shared). Exported graphs take their noise as inputs: random
+operators inside ONNX are not reproducible across runtimes or execution providers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from toolkit._version import __version__
+from toolkit.errors import ToolkitError
+from toolkit.files import atomic_write
+from toolkit.pipeline import Pipeline
+
+SAMPLER_KIND = "diffusion-toolkit-sampler"
+PREDICTOR_KIND = "diffusion-toolkit-predictor"
+OPSET = 18
+LAYOUTS = ("loop", "unrolled")
+DEFAULT_LAYOUT = "loop"
+MAX_BATCH = 1 << 20
+
+
+def _onnx():
+    try:
+        import onnx
+        import onnxscript  # noqa: F401  (the dynamo exporter's backend)
+    except ImportError as exc:
+        raise ToolkitError("ONNX export needs onnx and onnxscript: pip install onnx onnxscript") from exc
+    return onnx
+
+
+class StepGraph(nn.Module):
+    """Step i of a pipeline's sampling run: x_{τ_i} → x_{τ_{i+1}}, with τ_i read from a table by index."""
+
+    def __init__(self, pipeline: Pipeline):
+        super().__init__()
+        if pipeline.latent is not None:
+            raise ToolkitError("export of latent pipelines is not supported yet")
+        if not isinstance(pipeline.predictor, nn.Module):
+            raise ToolkitError("only a torch.nn.Module predictor can be exported")
+        if pipeline.mean_shift or (pipeline.guidance is not None and hasattr(pipeline.guidance, "gradient")):
+            raise ToolkitError(
+                f"guidance {pipeline.guidance.name!r} cannot be exported: every step needs the classifier's "
+                "input gradient ∇log p(y|x_t); torch.export does not trace torch.autograd.grad, and the "
+                "backward graph that make_fx can capture instead uses ops torch's ONNX exporter cannot "
+                "convert (aten.convolution_backward). Use cfg, or sample this guidance with PyTorch")
+        self.pipeline = pipeline
+        self.net = pipeline.predictor  # registered, so its weights become graph initializers
+        ts = pipeline.timesteps.to(torch.long).cpu()
+        self.register_buffer("ts", ts.clone(), persistent=False)
+        self.register_buffer("ts_prev", torch.cat([ts[1:], torch.tensor([-1])]), persistent=False)
+        self.time_map = pipeline.model_time_fn()  # built here: the schedule comparison stays out of the trace
+        self.steps = len(ts)
+        self.stochastic = bool(getattr(pipeline.sampler, "stochastic", False))
+        self.conditional = pipeline.num_classes is not None
+        self.guided = pipeline.guidance is not None
+
+    def forward(self, x: Tensor, i: Tensor, noise: Tensor | None = None, labels: Tensor | None = None,
+                scale: Tensor | None = None) -> Tensor:
+        p = self.pipeline
+        B = x.shape[0]
+        t = self.ts[i].expand(B)
+        t_prev = self.ts_prev[i].expand(B)
+        if noise is not None:  # no noise after the last step, whatever the sampler does with it
+            noise = noise * (i < self.steps - 1).to(noise.dtype)
+        if labels is None and self.conditional:
+            labels = torch.full((B,), int(p.num_classes), dtype=torch.long, device=x.device)
+        out = p.model_fn(labels, scale, self.time_map)(x, t)
+        return p.sampler.step(out, x, t, t_prev, p.schedule, noise)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()[:400]
+    return type(exc).__name__
+
+
+def _to_onnx(module: nn.Module, args: tuple, names: list[str], dynamic: tuple, output: str, what: str):
+    """torch.export (so a lost dynamic batch is an error, not a silently static graph), then ONNX."""
+    onnx = _onnx()
+    try:
+        program = torch.export.export(module, args, dynamic_shapes=dynamic, strict=False)
+    except Exception as exc:  # noqa: BLE001 - whatever torch.export trips on, name what failed and why
+        raise ToolkitError(f"cannot export {what}: torch.export cannot trace it ({_first_line(exc)})") from exc
+    quiet = logging.getLogger("torch.onnx")  # e.g. "torchvision is not installed" on every export
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            onnx_program = torch.onnx.export(program, args, input_names=names, output_names=[output],
+                                             dynamo=True, opset_version=OPSET, verbose=False,
+                                             optimize=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ToolkitError(f"cannot export {what}: the ONNX conversion failed ({_first_line(exc)})") from exc
+    finally:
+        quiet.setLevel(level)
+    model = onnx_program.model_proto
+    for inp in model.graph.input:
+        dim0 = inp.type.tensor_type.shape.dim[0] if inp.type.tensor_type.shape.dim else None
+        if inp.name in ("x", "labels", "scale", "y", "t", "noise") and dim0 is not None and not dim0.dim_param:
+            raise ToolkitError(f"cannot export {what}: input {inp.name!r} lost its dynamic batch dimension")
+    return model
+
+
+# ---------------------------------------------------------------- building the run from one step
+
+
+def _renamer(graph, keep: set[str], mapping: dict[str, str], prefix: str):
+    def name(n: str) -> str:
+        if not n or n in keep:
+            return n
+        return mapping.get(n, prefix + n)
+    return name
+
+
+def _copy_nodes(onnx, graph, keep: set[str], mapping: dict[str, str], prefix: str) -> list:
+    rename = _renamer(graph, keep, mapping, prefix)
+    nodes = []
+    for node in graph.node:
+        new = onnx.NodeProto()
+        new.CopyFrom(node)
+        new.name = prefix + node.name
+        del new.metadata_props[:]  # the exporter's per-node stack traces, once per copy otherwise
+        new.doc_string = ""
+        del new.input[:]
+        del new.output[:]
+        new.input.extend(rename(n) for n in node.input)
+        new.output.extend(rename(n) for n in node.output)
+        nodes.append(new)
+    return nodes
+
+
+def _sampler_model(step_model, S: int, inputs: list[str], sample_shape: tuple[int, ...], layout: str):
+    """The whole run as one ONNX model from the one-step model (inputs x, i[, noise, labels, scale])."""
+    onnx = _onnx()
+    from onnx import TensorProto, helper
+
+    g = step_model.graph
+    keep = {init.name for init in g.initializer}
+    step_out = g.output[0].name
+    has_noise = "noise" in inputs
+    rank = len(sample_shape) + 1
+    batch_dims: list[Any] = ["batch", *sample_shape]
+    graph_inputs = [helper.make_tensor_value_info("x_T", TensorProto.FLOAT, batch_dims)]
+    if has_noise:
+        graph_inputs.append(helper.make_tensor_value_info("noise", TensorProto.FLOAT, [S, *batch_dims]))
+    if "labels" in inputs:
+        graph_inputs.append(helper.make_tensor_value_info("labels", TensorProto.INT64, ["batch"]))
+    if "scale" in inputs:
+        graph_inputs.append(helper.make_tensor_value_info("scale", TensorProto.FLOAT, ["batch"]))
+    outer = {"labels": "labels", "scale": "scale"}
+    nodes: list = []
+    initializers = list(g.initializer)
+    if layout == "unrolled":
+        x = "x_T"
+        for k in range(S):
+            p = f"step{k}/"
+            mapping = {**outer, "x": x, "i": p + "i"}
+            nodes.append(helper.make_node("Constant", [], [p + "i"], value=helper.make_tensor(
+                p + "i_value", TensorProto.INT64, [], [k])))
+            if has_noise:
+                nodes.append(helper.make_node("Gather", ["noise", p + "i"], [p + "noise"], axis=0))
+                mapping["noise"] = p + "noise"
+            nodes += _copy_nodes(onnx, g, keep, mapping, p)
+            x = p + step_out
+        final = x
+    else:
+        body_nodes = []
+        mapping = {**outer, "x": "x_in", "i": "iter"}
+        if has_noise:
+            body_nodes.append(helper.make_node("Gather", ["noise", "iter"], ["noise_i"], axis=0))
+            mapping["noise"] = "noise_i"
+        body_nodes += _copy_nodes(onnx, g, keep, mapping, "")
+        body_nodes.append(helper.make_node("Identity", ["cond_in"], ["cond_out"]))
+        body_nodes.append(helper.make_node("Identity", [step_out], ["x_out"]))
+        body = helper.make_graph(
+            body_nodes, "step",
+            [helper.make_tensor_value_info("iter", TensorProto.INT64, []),
+             helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+             helper.make_tensor_value_info("x_in", TensorProto.FLOAT, batch_dims)],
+            [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+             helper.make_tensor_value_info("x_out", TensorProto.FLOAT, batch_dims)],
+            initializer=initializers)  # inside the body: onnxruntime optimizes (pre-packs) them only there
+        initializers = []
+        nodes.append(helper.make_node("Constant", [], ["trip_count"],
+                                      value=helper.make_tensor("S", TensorProto.INT64, [], [S])))
+        nodes.append(helper.make_node("Constant", [], ["cond"],
+                                      value=helper.make_tensor("true", TensorProto.BOOL, [], [True])))
+        nodes.append(helper.make_node("Loop", ["trip_count", "cond", "x_T"], ["x_loop"], body=body))
+        final = "x_loop"
+    nodes.append(helper.make_node("Constant", [], ["lo"], value=helper.make_tensor("lo_v", TensorProto.FLOAT, [], [-1.0])))
+    nodes.append(helper.make_node("Constant", [], ["hi"], value=helper.make_tensor("hi_v", TensorProto.FLOAT, [], [1.0])))
+    nodes.append(helper.make_node("Clip", [final, "lo", "hi"], ["x0"]))
+    graph = helper.make_graph(nodes, "sampler", graph_inputs,
+                              [helper.make_tensor_value_info("x0", TensorProto.FLOAT, batch_dims)],
+                              initializer=initializers)
+    model = helper.make_model(graph, opset_imports=list(step_model.opset_import),
+                              producer_name="diffusion-toolkit", producer_version=__version__)
+    model.ir_version = step_model.ir_version
+    model.functions.extend(step_model.functions)
+    assert rank >= 2
+    return model
+
+
+def sampler_metadata(pipeline: Pipeline, layout: str, inputs: list[str]) -> dict[str, str]:
+    """What travels in the ONNX file's metadata_props (all strings, JSON where structured)."""
+    sampler = pipeline.sampler
+    data = pipeline.config.get("data", {})
+    guidance = pipeline.guidance
+    return {
+        "kind": SAMPLER_KIND,
+        "toolkit_version": __version__,
+        "schedule": pipeline.schedule.name,
+        "num_timesteps": str(pipeline.schedule.num_timesteps),
+        "sampler": sampler.name,
+        "sampler_options": json.dumps({k: v for k, v in (("eta", getattr(sampler, "eta", None)),
+                                                         ("variance", getattr(sampler, "variance", None)),
+                                                         ("spacing", getattr(sampler, "spacing", None)),
+                                                         ("clip_x0", getattr(sampler, "clip_x0", None)))
+                                       if v is not None}),
+        "steps": str(pipeline.steps),
+        "timesteps": json.dumps(pipeline.timesteps.tolist()),
+        "eta": json.dumps(getattr(sampler, "eta", None)),
+        "stochastic": json.dumps(bool(getattr(sampler, "stochastic", False))),
+        "sample_shape": json.dumps(list(pipeline.sample_shape)),
+        "value_range": "[-1, 1]",
+        "num_classes": json.dumps(pipeline.num_classes),
+        "class_names": json.dumps(data.get("class_names")),
+        "dataset": json.dumps(data.get("name")),
+        "guidance": guidance.name if guidance is not None else "",
+        "guidance_scale": json.dumps(getattr(guidance, "scale", None)) if guidance is not None else "",
+        "model": json.dumps(pipeline.config.get("model", {}).get("name")),
+        "layout": layout,
+        "inputs": json.dumps(inputs),
+    }
+
+
+def _save(model, path: str | os.PathLike, meta: dict[str, str]) -> Path:
+    onnx = _onnx()
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ToolkitError(f"output folder {str(parent)!r} does not exist")
+    del model.metadata_props[:]
+    for key, value in meta.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:  # noqa: BLE001
+        raise ToolkitError(f"the exported graph is not valid ONNX ({_first_line(exc)})") from exc
+    atomic_write(path, lambda tmp: onnx.save_model(model, tmp))
+    return path
+
+
+def export_sampler(pipeline: Pipeline, path: str | os.PathLike, *, layout: str = DEFAULT_LAYOUT,
+                   steps: int | None = None) -> Path:
+    """Write the whole sampling run of ``pipeline`` (sampler, steps, guidance) as one ONNX graph.
+
+    Inputs: x_T [B, *shape] float32; noise [S, B, *shape] for a stochastic sampler (slot i is the
+    noise of step i; the last is unused); labels [B] int64 for a class-conditional model (the null
+    label K samples unconditionally); scale [B] float32 with guidance. Output: x0 [B, *shape] in [-1, 1].
+    ``layout``: "loop" (an ONNX Loop over one step) or "unrolled".
+    """
+    if layout not in LAYOUTS:
+        raise ToolkitError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+    if steps is not None and steps != pipeline.steps:
+        from attrs import evolve
+
+        pipeline.sampler.timesteps(pipeline.schedule, steps)
+        pipeline = evolve(pipeline, steps=int(steps))
+    step = StepGraph(pipeline).eval()
+    shape = tuple(pipeline.sample_shape)
+    B, b = torch.export.Dim("batch", min=1, max=MAX_BATCH), 3
+    args: list[Tensor | None] = [torch.randn(b, *shape), torch.tensor(0)]
+    names, dynamic = ["x", "i"], [{0: B}, None]
+    for flag, name, value in ((step.stochastic, "noise", torch.randn(b, *shape)),
+                              (step.conditional, "labels", torch.arange(b) % max(1, pipeline.num_classes or 1)),
+                              (step.guided, "scale", torch.ones(b))):
+        args.append(value if flag else None)
+        dynamic.append({0: B} if flag else None)
+        if flag:
+            names.append(name)
+    what = f"sampler {pipeline.sampler.name!r}"
+    if step.guided:
+        what += f" with guidance {pipeline.guidance.name!r}"
+    step_model = _to_onnx(step, tuple(args), names, tuple(dynamic), "x_prev", what)
+    inputs = ["x_T"] + [n for n in names[2:]]
+    model = _sampler_model(step_model, step.steps, inputs, shape, layout)
+    return _save(model, path, sampler_metadata(pipeline, layout, inputs))
+
+
+class PredictorGraph(nn.Module):
+    def __init__(self, predictor: nn.Module):
+        super().__init__()
+        self.net = predictor
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        return self.net(x, t, y)
+
+
+def export_predictor(predictor: nn.Module | Pipeline, path: str | os.PathLike,
+                     config: dict[str, Any] | None = None) -> Path:
+    """Write the noise predictor ε_θ(x, t[, y]) alone: x [B, *shape], t [B] float32 (training-schedule
+    timesteps, fractional allowed), y [B] int64 for a class-conditional model; dynamic batch."""
+    if isinstance(predictor, Pipeline):
+        config = config or predictor.config
+        predictor = predictor.predictor
+    if not isinstance(predictor, nn.Module):
+        raise ToolkitError("only a torch.nn.Module predictor can be exported")
+    shape = tuple(predictor.sample_shape)
+    B, b = torch.export.Dim("batch", min=1, max=MAX_BATCH), 3
+    conditional = predictor.num_classes is not None
+    args = (torch.randn(b, *shape), torch.tensor([10.0, 500.0, 999.0]),
+            torch.arange(b) % predictor.num_classes if conditional else None)
+    names = ["x", "t", "y"] if conditional else ["x", "t"]
+    dynamic = ({0: B}, {0: B}, {0: B} if conditional else None)
+    model = _to_onnx(PredictorGraph(predictor).eval(), args, names, dynamic, "out", "the predictor")
+    cfg = config or {}
+    meta = {"kind": PREDICTOR_KIND, "toolkit_version": __version__, "sample_shape": json.dumps(list(shape)),
+            "num_classes": json.dumps(predictor.num_classes), "prediction": getattr(predictor, "prediction", "epsilon"),
+            "learned_variance": json.dumps(bool(getattr(predictor, "learned_variance", False))),
+            "schedule": json.dumps(cfg.get("schedule")), "inputs": json.dumps(names), "value_range": "[-1, 1]"}
+    return _save(model, path, meta)
+
+
+# ---------------------------------------------------------------- the onnxruntime backend of compose
+
+
+def cache_dir() -> Path:
+    """Where graphs exported on the fly are kept: $TOOLKIT_CACHE_DIR or ~/.cache/diffusion-toolkit."""
+    root = os.environ.get("TOOLKIT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "diffusion-toolkit")
+    return Path(root) / "onnx"
+
+
+def _fingerprint(pipeline: Pipeline, layout: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    meta = sampler_metadata(pipeline, layout, [])
+    meta.pop("toolkit_version")
+    h.update(json.dumps([meta, __version__, torch.__version__, repr(pipeline.sampler), repr(pipeline.guidance),
+                         pipeline.schedule.alphas_cumprod.double().numpy().tobytes().hex()[:64]],
+                        sort_keys=True, default=str).encode())
+    for name, value in sorted(pipeline.predictor.state_dict().items()):
+        h.update(name.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def cached_sampler_graph(pipeline: Pipeline, layout: str = DEFAULT_LAYOUT) -> Path:
+    """The pipeline's sampler graph from the cache, exported there first if it is not yet."""
+    path = cache_dir() / f"{pipeline.sampler.name}-{pipeline.steps}-{_fingerprint(pipeline, layout)}.onnx"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        export_sampler(pipeline, path, layout=layout)
+    return path
+
+
+def sample_onnx(session, n: int, seed: int = 0, labels: Any = None, scale: Any = None, *, offset: int = 0,
+                batch_size: int = 500) -> Tensor:
+    """Sample through a ``runtime.SamplerSession`` with the toolkit's torch noise streams, so the samples
+    equal ``Pipeline.sample`` for the same seed (within float tolerance)."""
+    from toolkit.noise import NoiseStreams
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ToolkitError(f"n must be a positive integer, got {n!r}")
+    shape = session.sample_shape
+    stochastic = "noise" in session.inputs
+    y = None if labels is None else torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    if y is not None and y.numel():
+        y = y.repeat((n + y.numel() - 1) // y.numel())[:n]
+    out = []
+    for start in range(0, n, batch_size):
+        stop = min(n, start + batch_size)
+        streams = NoiseStreams(seed, range(offset + start, offset + stop), shape)
+        x_T = streams.draw()
+        noise = None
+        if stochastic:
+            steps = [streams.draw() for _ in range(session.steps - 1)]
+            noise = torch.stack([*steps, torch.zeros_like(x_T)]).numpy()
+        scale_b = scale[start:stop] if isinstance(scale, (list, tuple)) and len(scale) == n else scale
+        try:
+            x = session.run(x_T.numpy(), noise, None if y is None else y[start:stop].numpy(), scale_b)
+        except ValueError as exc:
+            raise ToolkitError(str(exc)) from exc
+        out.append(torch.from_numpy(x))
+    return torch.cat(out)

@@ -1,0 +1,224 @@
+"""ONNX export of the predictor and of whole sampling runs; the torch-free runtime; parity with PyTorch."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+import toolkit
+from toolkit.cli import cli
+from toolkit.exporters.onnx import export_predictor, export_sampler
+from toolkit.exporters.runtime import GraphError, SamplerSession, draw_noise
+from toolkit.noise import NoiseStreams
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "examples" / "onnx-app" / "sample_digits.py"
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def one_line_error(result, pattern):
+    assert result.exit_code == 2, (result.output, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert pattern in lines[0], lines[0]
+
+
+def torch_inputs(pipe, n, seed=0):
+    """x_T and the per-step noise exactly as Pipeline.sample draws them (x_T first, then one draw per step)."""
+    streams = NoiseStreams(seed, range(n), pipe.sample_shape)
+    x_T = streams.draw()
+    steps = [streams.draw() for _ in range(pipe.steps - 1)]
+    return x_T, torch.stack([*steps, torch.zeros_like(x_T)])
+
+
+CASES = {
+    "ddim50": dict(sampler="ddim", steps=50),
+    "ddim20-eta-cfg": dict(sampler="ddim", steps=20, eta=0.5, guidance="cfg", guidance_options={"scale": 3.0}),
+    "ddpm1000": dict(sampler="ddpm", steps=1000),
+    "ddpm100-cfg-beta": dict(sampler="ddpm", steps=100, variance="beta", guidance="cfg",
+                             guidance_options={"scale": 1.5}),
+}
+
+
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("onnx")
+    out = {}
+    for name, kwargs in CASES.items():
+        pipe = toolkit.compose(**kwargs)
+        out[name] = (pipe, export_sampler(pipe, folder / f"{name}.onnx"))
+    return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_whole_run_parity_with_pytorch(graphs, name):
+    """Same x_T and step noise: onnxruntime's samples equal the PyTorch pipeline's within 1e-4 after every step."""
+    pipe, path = graphs[name]
+    n = 6
+    labels = [0, 3, 7, 9, 1, 5]
+    scale = [0.0, 1.0, 2.0, 3.0, 4.0, 0.5] if pipe.guidance else None
+    expected = pipe.sample(n, seed=11, labels=labels, scale=scale)
+    x_T, noise = torch_inputs(pipe, n, seed=11)
+    session = SamplerSession(path, provider="cpu")
+    got = session.run(x_T.numpy(), noise.numpy() if session.stochastic else None, np.array(labels), scale)
+    assert got.shape == (n, 1, 8, 8)
+    assert np.abs(got - expected.numpy()).max() < 1e-4
+    if not pipe.guidance:  # the null label samples unconditionally, as the pipeline does with labels=None
+        unc = session.run(x_T.numpy()[:2], noise.numpy()[:, :2] if session.stochastic else None, None)
+        assert np.abs(unc - pipe.sample(2, seed=11).numpy()).max() < 1e-4
+
+
+def test_metadata_and_inputs(graphs):
+    pipe, path = graphs["ddim20-eta-cfg"]
+    model = onnx.load(path)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["kind"] == "diffusion-toolkit-sampler" and meta["toolkit_version"] == toolkit.__version__
+    assert meta["sampler"] == "ddim" and meta["steps"] == "20" and json.loads(meta["eta"]) == 0.5
+    assert meta["schedule"] == "cosine" and json.loads(meta["sample_shape"]) == [1, 8, 8]
+    assert meta["guidance"] == "cfg" and json.loads(meta["guidance_scale"]) == 3.0
+    assert json.loads(meta["num_classes"]) == 10 and meta["value_range"] == "[-1, 1]"
+    assert json.loads(meta["timesteps"]) == pipe.timesteps.tolist()
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    assert dims == {"x_T": ["batch", 1, 8, 8], "noise": [20, "batch", 1, 8, 8], "labels": ["batch"],
+                    "scale": ["batch"]}
+    assert any(n.op_type == "Loop" for n in model.graph.node)
+
+
+def test_unrolled_layout_gives_the_same_samples(tmp_path):
+    pipe = toolkit.compose(sampler="ddpm", steps=6)
+    loop, unrolled = export_sampler(pipe, tmp_path / "l.onnx"), export_sampler(pipe, tmp_path / "u.onnx",
+                                                                               layout="unrolled")
+    assert not any(n.op_type == "Loop" for n in onnx.load(unrolled).graph.node)
+    x_T, noise = torch_inputs(pipe, 3)
+    a = SamplerSession(loop, provider="cpu").run(x_T.numpy(), noise.numpy(), [1, 2, 3])
+    b = SamplerSession(unrolled, provider="cpu").run(x_T.numpy(), noise.numpy(), [1, 2, 3])
+    assert np.abs(a - b).max() < 1e-5
+    assert np.abs(a - pipe.sample(3, seed=0, labels=[1, 2, 3]).numpy()).max() < 1e-4
+
+
+def test_predictor_export_dynamic_batch(tmp_path, tiny_ckpt):
+    import onnxruntime as ort
+
+    ckpt = toolkit.load_checkpoint(tiny_ckpt)
+    path = export_predictor(ckpt.model, tmp_path / "eps.onnx", config=ckpt.config)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["x", "t", "y"]
+    meta = session.get_modelmeta().custom_metadata_map
+    assert meta["kind"] == "diffusion-toolkit-predictor" and meta["prediction"] == "epsilon"
+    for B in (1, 7):
+        x, t, y = torch.randn(B, 1, 8, 8), torch.rand(B) * 999, torch.arange(B) % 11
+        got = session.run(None, {"x": x.numpy(), "t": t.numpy(), "y": y.numpy()})[0]
+        assert np.abs(got - ckpt.model(x, t, y).detach().numpy()).max() < 1e-4
+
+
+def test_runtime_sample_with_numpy_noise(graphs):
+    pipe, path = graphs["ddpm100-cfg-beta"]
+    session = SamplerSession(path, provider="cpu")
+    a = session.sample(5, seed=3, labels=[4], batch_size=2)
+    b = session.sample(5, seed=3, labels=[4])
+    assert a.shape == (5, 1, 8, 8) and np.abs(a - b).max() < 1e-5  # sample i depends only on (seed, i)
+    assert a.min() >= -1 and a.max() <= 1
+    x_T, noise = draw_noise(3, 5, (1, 8, 8), 100, True)
+    c = session.sample(5, labels=[4], x_T=x_T, noise=noise)
+    assert np.abs(a - c).max() < 1e-5
+
+
+def test_runtime_bad_input(graphs, tmp_path, tiny_ckpt):
+    _, path = graphs["ddim20-eta-cfg"]
+    s = SamplerSession(path, provider="cpu")
+    with pytest.raises(GraphError, match=r"x_T must have shape \[B, 1, 8, 8\]"):
+        s.run(np.zeros((2, 1, 9, 9), np.float32), np.zeros((20, 2, 1, 9, 9), np.float32), [1, 2])
+    with pytest.raises(GraphError, match=r"noise must have shape \[20, 2, 1, 8, 8\]"):
+        s.run(np.zeros((2, 1, 8, 8), np.float32), np.zeros((19, 2, 1, 8, 8), np.float32), [1, 2])
+    with pytest.raises(GraphError, match="out of range"):
+        s.sample(2, labels=[10])
+    with pytest.raises(GraphError, match="needs class labels"):
+        s.sample(2)
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a graph")
+    with pytest.raises(GraphError, match="not a loadable ONNX graph"):
+        SamplerSession(garbage)
+    predictor = export_predictor(toolkit.load_checkpoint(tiny_ckpt).model, tmp_path / "p.onnx")
+    with pytest.raises(GraphError, match="not a diffusion-toolkit sampler graph"):
+        SamplerSession(predictor)
+    if s.provider == "cpu" and SamplerSession(path).provider == "cpu":  # no usable GPU here
+        with pytest.raises(GraphError, match="CUDA execution provider is not available"):
+            SamplerSession(path, provider="cuda")
+
+
+def test_cli_export_and_onnxruntime_backend(tmp_path):
+    graph = tmp_path / "s.onnx"
+    r = run("export", "onnx", "--sampler", "ddim", "--steps", 10, "--eta", 0.3, "--out", graph)
+    assert r.exit_code == 0, r.output
+    ref, got, cached = tmp_path / "ref.npy", tmp_path / "got.npy", tmp_path / "cached.npy"
+    common = ["-n", 5, "--class", "2,4", "--seed", 9]
+    assert run("compose", "--steps", 10, "--eta", 0.3, *common, "--out", ref).exit_code == 0
+    r = run("compose", "--backend", "onnxruntime", "--onnx", graph, *common, "--out", got)
+    assert r.exit_code == 0, r.output
+    assert "onnxruntime cpu" in r.output
+    assert np.abs(np.load(ref) - np.load(got)).max() < 1e-4
+    os.environ["TOOLKIT_CACHE_DIR"] = str(tmp_path / "cache")
+    try:
+        r = run("compose", "--backend", "onnxruntime", "--steps", 10, "--eta", 0.3, *common, "--out", cached)
+        assert r.exit_code == 0, r.output
+        assert len(list((tmp_path / "cache" / "onnx").glob("ddim-10-*.onnx"))) == 1
+    finally:
+        del os.environ["TOOLKIT_CACHE_DIR"]
+    assert np.abs(np.load(ref) - np.load(cached)).max() < 1e-4
+    r = run("export", "onnx", "--component", "predictor", "--out", tmp_path / "eps.onnx")
+    assert r.exit_code == 0 and (tmp_path / "eps.onnx").stat().st_size > 1e6
+
+
+@pytest.mark.parametrize("args, message", [
+    (["export", "onnx", "--guidance", "classifier", "--out", "c.onnx"], "guidance 'classifier' cannot be exported"),
+    (["export", "onnx", "--out", "c.txt"], "--out must be a .onnx file"),
+    (["export", "onnx", "--out", "missing/c.onnx"], "does not exist"),
+    (["export", "onnx", "--component", "predictor", "--steps", "5", "--out", "c.onnx"], "exports the network alone"),
+    (["compose", "--backend", "onnxruntime", "--onnx", "nope.onnx", "--out", "x.png"], "no sampler graph at"),
+    (["compose", "--onnx", "nope.onnx", "--out", "x.png"], "--onnx needs --backend onnxruntime"),
+    (["compose", "--backend", "onnxruntime", "--onnx", "g.onnx", "--sampler", "ddpm", "--out", "x.png"],
+     "drop --sampler"),
+])
+def test_bad_input(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    one_line_error(run(*args), message)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _torch_blocked_env(tmp_path):
+    """An environment in which `import torch` fails: a shadowing torch package first on the path."""
+    block = tmp_path / "block" / "torch"
+    block.mkdir(parents=True)
+    (block / "__init__.py").write_text("raise ImportError('torch is not available in this process')\n")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(block.parent), str(ROOT)])}
+
+
+def test_onnx_app_runs_without_torch(graphs, tmp_path):
+    _, path = graphs["ddim50"]
+    env = _torch_blocked_env(tmp_path)
+    check = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
+    assert check.returncode != 0 and "torch is not available" in check.stderr
+    out = tmp_path / "sevens.png"
+    r = subprocess.run([sys.executable, str(APP), str(path), "--class", "7", "-n", "8", "--out", str(out)],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    from PIL import Image
+
+    img = np.asarray(Image.open(out))
+    assert img.ndim == 2 and img.shape[1] == 8 * (8 * 4 + 1) + 1 and img.max() > 200
+    # and the toolkit's own runtime module imports and samples without torch too
+    code = ("import sys; from toolkit.exporters.runtime import SamplerSession; "
+            f"x = SamplerSession({str(path)!r}).sample(3, seed=1, labels=[2]); "
+            "assert 'torch' not in sys.modules; print(x.shape)")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "(3, 1, 8, 8)" in r.stdout, r.stderr
