@@ -66,6 +66,13 @@ def progress_bar(length: int, label: str, quiet: bool) -> Iterator:
         yield bar
 
 
+def _rank_prefix() -> str:
+    """'rank N: ' in a torchrun process, so a failing rank is named; empty otherwise."""
+    import os
+
+    return f"rank {os.environ.get('RANK', '0')}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
+
 class ToolkitGroup(click.Group):
     """Turns a user error (ours or click's) into one line on stderr and exit status 2."""
 
@@ -78,10 +85,10 @@ class ToolkitGroup(click.Group):
             click.echo("aborted", err=True)
             sys.exit(130)
         except click.ClickException as exc:
-            click.echo(f"error: {exc.format_message()}", err=True)
+            click.echo(f"{_rank_prefix()}error: {exc.format_message()}", err=True)
             sys.exit(2)
         except ToolkitError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"{_rank_prefix()}error: {exc}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -161,6 +168,9 @@ def _train_options(default_model: str, default_steps: int, lr: float = 1e-3, ema
         click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out."),
         click.option("--overwrite", is_flag=True, help="Replace an existing --out."),
         click.option("--device", default="cpu", show_default=True, help="cpu or cuda."),
+        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+                     help="Autocast dtype (fp16 with a gradient scaler, CUDA only)."),
+        click.option("--compile", "compile_", is_flag=True, help="Run the network through torch.compile."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
     ]
 
@@ -174,7 +184,7 @@ def _train_options(default_model: str, default_steps: int, lr: float = 1e-3, ema
 
 def _run_training(task: str, dataset, data_options, model, model_options, schedule, num_timesteps, steps,
                   batch_size, lr, weight_decay, ema_decay, grad_clip, seed, checkpoint_every, out, resume,
-                  overwrite, device, quiet, **extra) -> None:
+                  overwrite, device, quiet, precision="fp32", compile_=False, **extra) -> None:
     from toolkit.training import TrainConfig, train
 
     name, dopts = _dataset_arg(dataset, parse_options(data_options, "--data-option"))
@@ -193,7 +203,11 @@ def _run_training(task: str, dataset, data_options, model, model_options, schedu
                 last[0] = done
 
         result = train(config, out, resume=resume, overwrite=overwrite, device=device, quiet=quiet,
-                       command=command, progress=progress)
+                       command=command, progress=progress, precision=precision, compile=compile_)
+    from toolkit.distributed import world_from_env
+
+    if not world_from_env().main:
+        return
     click.echo(f"wrote {result.path} (step {result.step}, loss {result.loss:.4f}, "
                f"{result.steps_per_second:.1f} steps/s)")
 
@@ -283,9 +297,16 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
                 quiet) -> None:
     """Compose a pipeline from named plugins and sample from it."""
     import toolkit
+    from toolkit.distributed import world_from_env
     from toolkit.images import check_output, save_samples
+    from toolkit.shards import is_shard_folder
 
-    check_output(out)
+    world = world_from_env()
+    sharded = is_shard_folder(out, world)
+    if sharded and backend != "torch":
+        raise ToolkitError("sharded sampling (--out FOLDER/ or torchrun) uses --backend torch")
+    if not sharded:
+        check_output(out)
     if n < 1:
         raise ToolkitError(f"-n must be positive, got {n}")
     if batch_size < 1:
@@ -330,12 +351,42 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
         raise ToolkitError(f"--guidance {guidance} needs --class (a label, a comma list or 'all')")
     if labels is not None and nrow is not None:
         n = len(labels)
+    if sharded:
+        from toolkit.distributed import local_device, shard
+        from toolkit.shards import sample_shard
+
+        if pipe.device.type == "cuda" and world.distributed:
+            from attrs import evolve
+
+            pipe = evolve(pipe, device=local_device(pipe.device, world))
+        start, stop = shard(n, world)
+        with progress_bar(-(-(stop - start) // batch_size) * pipe.steps, f"sample (rank {world.rank})",
+                          quiet or not world.main) as bar:
+            path = sample_shard(pipe, out, n, seed, labels, world, scale=scale,
+                                progress=(lambda k: bar.update(k)) if bar is not None else None,
+                                meta={"command": command_line(click.get_current_context())})
+        click.echo(f"rank {world.rank}: wrote {path} (samples {start}..{stop - 1} of {n})")
+        return
     batches = -(-n // batch_size)
     with progress_bar(batches * pipe.steps, "sample", quiet) as bar:
         samples = pipe.sample(n, seed=seed, labels=labels,
                               progress=(lambda k: bar.update(k)) if bar is not None else None)
     save_samples(samples, out, nrow=nrow)
     click.echo(f"wrote {out} ({n} samples, {pipe.sampler.name} {pipe.steps} steps, {pipe.schedule.name} schedule)")
+
+
+@cli.command("merge")
+@click.argument("folder", type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help=".npy array or .png grid of all samples.")
+def merge_cmd(folder, out) -> None:
+    """Join the shards of a sharded `compose --out FOLDER/` run into one file, in sample order."""
+    from toolkit.images import check_output, save_samples
+    from toolkit.shards import merge
+
+    check_output(out)
+    samples = merge(folder)
+    save_samples(samples, out)
+    click.echo(f"wrote {out} ({len(samples)} samples)")
 
 
 def _session(path, device: str):

@@ -4,6 +4,7 @@ a clean-data classifier whose features the Fréchet distance of `toolkit evaluat
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from toolkit import checkpoint, diffusion
+from toolkit import checkpoint, diffusion, distributed
 from toolkit._version import __version__
 from toolkit.data import ArrayDataset
 from toolkit.errors import CheckpointError, ToolkitError, parse_device
@@ -24,6 +25,7 @@ from toolkit.noise import sample_seed
 from toolkit.registry import create
 
 TASKS = ("noise_predictor", "classifier", "features")
+PRECISIONS = ("fp32", "bf16", "fp16")
 SYNC_EVERY = 10
 RESUMABLE_CHANGES = ("steps", "checkpoint_every")  # everything else must match the checkpoint to resume  # steps between reading the loss back (progress bar, divergence check)
 
@@ -187,15 +189,35 @@ def train(
     quiet: bool = False,
     command: str | None = None,
     progress: Callable[[int, float, float], None] | None = None,
+    precision: str = "fp32",
+    compile: bool = False,
 ) -> TrainResult:
-    """Train ``config`` into checkpoint directory ``out`` (resuming from it with ``resume``)."""
+    """Train ``config`` into checkpoint directory ``out`` (resuming from it with ``resume``).
+
+    Under torchrun every rank runs this: each draws the same global batch (``batch_size``) from the
+    step's generator and trains on its own 1/world slice, DDP averages the gradients, so N processes
+    take the same steps as one process with the same global batch; rank 0 writes the checkpoints.
+    ``precision`` bf16/fp16 trains under autocast (fp16 with a gradient scaler; CUDA only);
+    ``compile`` runs the network through torch.compile.
+    """
     out = Path(out)
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise ToolkitError(f"output folder {str(parent)!r} does not exist")
     device = parse_device(device)
+    if precision not in PRECISIONS:
+        raise ToolkitError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ToolkitError("--precision fp16 needs --device cuda (use bf16 or fp32 on the CPU)")
+    world = distributed.world_from_env()
+    if config.batch_size % world.size:
+        raise ToolkitError(f"--batch-size {config.batch_size} (the global batch) must divide evenly over "
+                           f"{world.size} processes")
     if out.exists() and not resume and not overwrite:
         raise ToolkitError(f"{str(out)!r} already exists; pass --resume to continue it or --overwrite")
+    world = distributed.init(device)
+    device = distributed.local_device(device, world)
+    distributed.barrier(world)  # every rank has checked --out before rank 0 writes to it
 
     start_step = 0
     state = None
@@ -266,7 +288,8 @@ def train(
                      "shape": list(data.sample_shape), "num_classes": data.num_classes, "levels": data.levels,
                      "range": [-1, 1], "class_names": list(data.class_names) if data.class_names else None},
             "training": {"step": step, "config": config.to_json(), "loss": loss, "parameters": params,
-                         "elapsed_s": round(elapsed, 2), "command": history[0] if history else command,
+                         "elapsed_s": round(elapsed, 2), "world_size": world.size, "precision": precision,
+                         "command": history[0] if history else command,
                          "commands": [c for c in [*history, command] if c], "torch_version": torch.__version__},
         }
         if classifier and len(held):
@@ -278,6 +301,13 @@ def train(
         extra["ema.n_averaged"] = ema.n_averaged.detach().clone()
         checkpoint.write_checkpoint(out, cfg, ema.module.state_dict(), {checkpoint.TRAINING_STATE: extra})
 
+    net = distributed.wrap(model, world, device)
+    if compile:
+        net = torch.compile(net)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+                if precision != "fp32" else contextlib.nullcontext())
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    rows = slice(world.rank * config.batch_size // world.size, (world.rank + 1) * config.batch_size // world.size)
     model.train()
     loss_avg = math.nan
     running: Tensor | None = None
@@ -294,6 +324,7 @@ def train(
         t = torch.randint(config.num_timesteps, (config.batch_size,), generator=g)
         noise = torch.randn((config.batch_size, *data.sample_shape), generator=g)
         drop = torch.rand(config.batch_size, generator=g) < config.p_uncond
+        idx, t, noise, drop = idx[rows], t[rows], noise[rows], drop[rows]  # this rank's part of the batch
         x0 = x_all[idx.to(device)]
         y = None
         if classifier:
@@ -303,31 +334,42 @@ def train(
                             y_all[idx.to(device)])
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        if config.task == "features":
-            loss = loss_features(model, x0, y)
-        elif classifier:
-            loss = loss_classifier(model, schedule, x0, t.to(device), noise.to(device), y)
-        elif config.loss == "hybrid":
-            loss = loss_hybrid(model, schedule, x0, t.to(device), noise.to(device), y, data.levels)
-        else:
-            loss = loss_simple(model, schedule, x0, t.to(device), noise.to(device), y)
+        with autocast:
+            if config.task == "features":
+                loss = loss_features(net, x0, y)
+            elif classifier:
+                loss = loss_classifier(net, schedule, x0, t.to(device), noise.to(device), y)
+            elif config.loss == "hybrid":
+                loss = loss_hybrid(net, schedule, x0, t.to(device), noise.to(device), y, data.levels)
+            else:
+                loss = loss_simple(net, schedule, x0, t.to(device), noise.to(device), y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+        else:
+            loss.backward()
         if config.grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        opt.step()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
         ema.update_parameters(model)
         done = step + 1
         running = loss.detach() if running is None else 0.98 * running + 0.02 * loss.detach()
         checkpoint_now = done % config.checkpoint_every == 0 or done == config.steps
         if done % SYNC_EVERY == 0 or checkpoint_now:  # read the loss back rarely: no GPU sync per step
-            loss_avg = float(running)
+            loss_avg = float(distributed.mean(running.float(), world))  # every rank sees a NaN together
             if not math.isfinite(loss_avg):
                 raise ToolkitError(f"training diverged before step {done}: loss is {loss_avg}; lower --lr")
-            if progress is not None:
+            if progress is not None and world.main:
                 elapsed = time.perf_counter() - t0
                 progress(done, loss_avg, (done - start_step) / max(elapsed, 1e-9))
         if checkpoint_now:
-            save(done, loss_avg, prev_elapsed + time.perf_counter() - t0)
+            if world.main:
+                save(done, loss_avg, prev_elapsed + time.perf_counter() - t0)
+            distributed.barrier(world)
     elapsed = time.perf_counter() - t0
     return TrainResult(out, config.steps, loss_avg, (config.steps - start_step) / max(elapsed, 1e-9))

@@ -1,0 +1,132 @@
+"""torchrun with two CPU processes (gloo): the same weights as one process, resume after a kill (with another
+world size), sharded sampling equal to one process, a failing rank named."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+TINY = ["--model-option", "base_channels=8", "--model-option", "attention_heads=2", "-q"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOOLKIT_DIST_TIMEOUT": "60"}
+
+
+def torchrun(*args, nproc=2, **kw):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "toolkit", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV, **kw)
+
+
+def single(*args):
+    return subprocess.run([sys.executable, "-m", "toolkit", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=ENV)
+
+
+def _pids_with(text):
+    """Processes whose command line contains ``text`` (Linux /proc)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    if text.encode() in fh.read():
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def max_diff(a, b, name):
+    x, y = load_file(str(a / name)), load_file(str(b / name))
+    assert x.keys() == y.keys()
+    return max(float((x[k].double() - y[k].double()).abs().max()) for k in x if x[k].is_floating_point())
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
+    common = ["train", *TINY, "--steps", 6, "--batch-size", 16, "--checkpoint-every", 3]
+    r = torchrun(*common, "--out", tmp_path / "two")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert single(*common, "--out", tmp_path / "one").returncode == 0
+    assert max_diff(tmp_path / "one", tmp_path / "two", "training_state.safetensors") < 1e-5
+    assert max_diff(tmp_path / "one", tmp_path / "two", "model.safetensors") < 1e-5
+    cfg = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert cfg["training"]["world_size"] == 2 and cfg["training"]["step"] == 6
+
+
+def test_killed_run_resumes_with_another_world_size(tmp_path):
+    """Kill a 2-process run after its first checkpoint, finish it with 1 process: one uninterrupted run's weights."""
+    out = tmp_path / "killed"
+    common = ["train", *TINY, "--steps", 120, "--batch-size", 16, "--checkpoint-every", 2]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "toolkit",
+           *map(str, common), "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    step = 0
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            step = json.loads((out / "config.json").read_text())["training"]["step"]
+        except (OSError, ValueError, KeyError):
+            step = 0
+        if step >= 2:  # kill every process of the run (torchrun starts its workers in their own sessions)
+            os.killpg(proc.pid, signal.SIGKILL)
+            for pid in _pids_with(str(out)):
+                os.kill(pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    deadline = time.time() + 30
+    while _pids_with(str(out)) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not _pids_with(str(out))
+    step = json.loads((out / "config.json").read_text())["training"]["step"]
+    if step >= 120:
+        pytest.skip("the run finished before it could be killed")
+    r = single(*common, "--out", out, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert single(*common, "--out", tmp_path / "straight").returncode == 0
+    assert max_diff(out, tmp_path / "straight", "model.safetensors") < 1e-5
+    assert max_diff(out, tmp_path / "straight", "training_state.safetensors") < 1e-4  # Adam moments: float drift
+    assert json.loads((out / "config.json").read_text())["training"]["world_size"] == 1
+
+
+def test_sharded_sampling_equals_one_process(tmp_path):
+    r = torchrun("compose", "-n", 7, "--steps", 8, "--class", "1,5", "--seed", 4, "--out", f"{tmp_path / 'shards'}/",
+                 "-q")
+    assert r.returncode == 0, r.stderr[-3000:]
+    index = json.loads((tmp_path / "shards" / "index.json").read_text())
+    assert [(s["start"], s["stop"]) for s in index["shards"]] == [(0, 4), (4, 7)]
+    assert single("merge", tmp_path / "shards", "--out", tmp_path / "merged.npy").returncode == 0
+    assert single("compose", "-n", 7, "--steps", 8, "--class", "1,5", "--seed", 4, "--out",
+                  tmp_path / "one.npy", "-q").returncode == 0
+    assert np.abs(np.load(tmp_path / "merged.npy") - np.load(tmp_path / "one.npy")).max() < 1e-5
+
+
+def test_failing_ranks_exit_non_zero_and_are_named(tmp_path):
+    r = torchrun("train", *TINY, "--steps", 2, "--batch-size", 15, "--out", tmp_path / "bad")
+    assert r.returncode != 0
+    assert "rank 0: error: --batch-size 15 (the global batch) must divide evenly over 2 processes" in r.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_merge_reports_a_missing_shard(tmp_path):
+    folder = tmp_path / "s"
+    r = single("compose", "-n", 3, "--steps", 2, "--out", f"{folder}/", "-q")
+    assert r.returncode == 0, r.stderr
+    (folder / "shard-00000-of-00001.npy").unlink()
+    r = single("merge", folder, "--out", tmp_path / "m.npy")
+    assert r.returncode == 2 and "shard shard-00000-of-00001.npy is missing" in r.stderr
+    assert not (tmp_path / "m.npy").exists()
+
+
+def test_precision_options(tmp_path):
+    r = single("train", *TINY, "--steps", 2, "--batch-size", 8, "--precision", "bf16", "--out", tmp_path / "bf16")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["training"]["precision"] == "bf16"
+    r = single("train", *TINY, "--steps", 2, "--precision", "fp16", "--out", tmp_path / "fp16")
+    assert r.returncode == 2 and "--precision fp16 needs --device cuda" in r.stderr

@@ -1,0 +1,108 @@
+"""torch.distributed for training and sampling under torchrun: process group set-up from the environment
+torchrun provides (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), gloo on CPU, nccl on CUDA."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from attrs import define
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from toolkit.errors import ToolkitError
+
+DEFAULT_TIMEOUT_S = 600  # a collective that waits longer (a rank hung or gone) fails instead of hanging
+
+
+@define(frozen=True)
+class World:
+    """This process's place in the run: rank 0 of 1 when not launched by torchrun."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def world_from_env() -> World:
+    """The world torchrun describes in the environment (without joining it)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    return World(int(os.environ.get("RANK", "0")), size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init(device: torch.device) -> World:
+    """Join the process group torchrun set up (once); gloo for CPU, nccl for CUDA; collective timeout
+    from $TOOLKIT_DIST_TIMEOUT (seconds, default 600)."""
+    world = world_from_env()
+    if not world.distributed:
+        return world
+    if not dist.is_available():
+        raise ToolkitError("this torch build has no torch.distributed")
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(world.local_rank)
+        timeout = timedelta(seconds=float(os.environ.get("TOOLKIT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
+        dist.init_process_group(backend=backend, timeout=timeout)
+    return world
+
+
+def local_device(device: torch.device, world: World) -> torch.device:
+    """cuda → this rank's GPU (cuda:LOCAL_RANK); cpu stays cpu."""
+    if device.type == "cuda" and world.distributed:
+        return torch.device("cuda", world.local_rank)
+    return device
+
+
+def barrier(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.barrier()
+
+
+def mean(value: torch.Tensor, world: World) -> torch.Tensor:
+    """The mean of a tensor over all ranks (itself when not distributed)."""
+    if not (world.distributed and dist.is_initialized()):
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value)
+    return value / world.size
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class DDP(DistributedDataParallel):
+    """DistributedDataParallel that also answers the wrapped model's attributes (prediction, num_classes, ...)."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+def wrap(model: nn.Module, world: World, device: torch.device) -> nn.Module:
+    """The model DDP-wrapped for a distributed run (gradients averaged over ranks), else unchanged."""
+    if not world.distributed:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return DDP(model, device_ids=ids)
+
+
+def shard(n: int, world: World) -> tuple[int, int]:
+    """The contiguous range [start, stop) of n items this rank owns (the first n % size ranks get one more)."""
+    base, extra = divmod(n, world.size)
+    start = world.rank * base + min(world.rank, extra)
+    return start, start + base + (1 if world.rank < extra else 0)

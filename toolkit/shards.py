@@ -1,0 +1,89 @@
+"""Sharded sampling: each rank (torchrun, or a process given --rank/--world-size) writes its own .npy shard of
+one run; rank 0 writes an index; ``merge`` joins them. Sample i is the same as in a single process run."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from toolkit.distributed import World, shard
+from toolkit.errors import ToolkitError
+from toolkit.files import atomic_write
+
+INDEX = "index.json"
+
+
+def shard_name(rank: int, size: int) -> str:
+    return f"shard-{rank:05d}-of-{size:05d}.npy"
+
+
+def is_shard_folder(out: str | os.PathLike, world: World) -> bool:
+    """--out names a folder (ends in a separator or is one), or the run is distributed."""
+    text = os.fspath(out)
+    return world.distributed or text.endswith(("/", os.sep)) or Path(text).is_dir()
+
+
+def sample_shard(pipe, out: str | os.PathLike, n: int, seed: int, labels: Sequence[int] | None, world: World,
+                 *, scale: float | None = None, progress=None, meta: dict[str, Any] | None = None) -> Path:
+    """Sample this rank's part [start, stop) of n samples into out/shard-R-of-W.npy (and, on rank 0, the index)."""
+    folder = Path(out)
+    if not folder.parent.is_dir():
+        raise ToolkitError(f"output folder {str(folder.parent)!r} does not exist")
+    if folder.exists() and not folder.is_dir():
+        raise ToolkitError(f"{str(folder)!r} exists and is not a folder")
+    folder.mkdir(exist_ok=True)
+    start, stop = shard(n, world)
+    path = folder / shard_name(world.rank, world.size)
+    if stop > start:
+        y = None
+        if labels is not None:
+            full = [labels[i % len(labels)] for i in range(n)]
+            y = full[start:stop]
+        x = pipe.sample(stop - start, seed=seed, labels=y, scale=scale, offset=start, progress=progress)
+        arr = x.to(torch.float32).numpy()
+    else:
+        arr = np.zeros((0, *pipe.sample_shape), np.float32)
+    atomic_write(path, lambda tmp: np.save(tmp, arr))
+    if world.main:
+        shards = []
+        for r in range(world.size):
+            a, b = shard(n, World(r, world.size))
+            shards.append({"file": shard_name(r, world.size), "start": a, "stop": b})
+        index = {"n": n, "seed": seed, "world_size": world.size, "shape": list(pipe.sample_shape),
+                 "shards": shards, **(meta or {})}
+        text = json.dumps(index, indent=2)
+        atomic_write(folder / INDEX, lambda tmp: Path(tmp).write_text(text))
+    return path
+
+
+def merge(folder: str | os.PathLike) -> torch.Tensor:
+    """All shards of a sharded run in sample order, [n, *shape]; a missing or wrong shard is an error."""
+    folder = Path(folder)
+    index_path = folder / INDEX
+    if not index_path.is_file():
+        raise ToolkitError(f"{str(folder)!r} has no {INDEX}: not a sharded sampling run")
+    try:
+        index = json.loads(index_path.read_text())
+        shards = index["shards"]
+        n, shape = int(index["n"]), tuple(index["shape"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ToolkitError(f"{str(index_path)!r} is not a valid shard index ({exc})") from None
+    parts = []
+    for s in shards:
+        file = folder / s["file"]
+        if not file.is_file():
+            raise ToolkitError(f"shard {s['file']} is missing from {str(folder)!r} (did that rank finish?)")
+        arr = np.load(file)
+        if arr.shape != (s["stop"] - s["start"], *shape):
+            raise ToolkitError(f"shard {s['file']} holds {list(arr.shape)}, expected "
+                               f"{[s['stop'] - s['start'], *shape]}")
+        parts.append(arr)
+    out = np.concatenate(parts)
+    if len(out) != n:
+        raise ToolkitError(f"shards hold {len(out)} samples, the index says {n}")
+    return torch.from_numpy(out)
