@@ -48,8 +48,6 @@ class StepGraph(nn.Module):
 
     def __init__(self, pipeline: Pipeline):
         super().__init__()
-        if pipeline.latent is not None:
-            raise ToolkitError("export of latent pipelines is not supported yet")
         if not isinstance(pipeline.predictor, nn.Module):
             raise ToolkitError("only a torch.nn.Module predictor can be exported")
         if pipeline.mean_shift or (pipeline.guidance is not None and hasattr(pipeline.guidance, "gradient")):
@@ -147,8 +145,10 @@ def _copy_nodes(onnx, graph, keep: set[str], mapping: dict[str, str], prefix: st
     return nodes
 
 
-def _sampler_model(step_model, S: int, inputs: list[str], sample_shape: tuple[int, ...], layout: str):
-    """The whole run as one ONNX model from the one-step model (inputs x, i[, noise, labels, scale])."""
+def _sampler_model(step_model, S: int, inputs: list[str], sample_shape: tuple[int, ...], layout: str,
+                   decoder=None, output_shape: tuple[int, ...] | None = None):
+    """The whole run as one ONNX model from the one-step model (inputs x, i[, noise, labels, scale]),
+    followed by a latent pipeline's decoder model (input z) when there is one."""
     onnx = _onnx()
     from onnx import TensorProto, helper
 
@@ -205,16 +205,30 @@ def _sampler_model(step_model, S: int, inputs: list[str], sample_shape: tuple[in
                                       value=helper.make_tensor("true", TensorProto.BOOL, [], [True])))
         nodes.append(helper.make_node("Loop", ["trip_count", "cond", "x_T"], ["x_loop"], body=body))
         final = "x_loop"
+    if decoder is not None:  # latent diffusion: decode the final latents inside the graph
+        dg = decoder.graph
+        prefix = "decode/"
+        keep_dec: set[str] = set()
+        for init in dg.initializer:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(init)
+            copy.name = prefix + init.name
+            initializers.append(copy)
+        nodes += _copy_nodes(onnx, dg, keep_dec, {"z": final}, prefix)
+        final = prefix + dg.output[0].name
+    out_dims: list[Any] = ["batch", *(output_shape or sample_shape)]
     nodes.append(helper.make_node("Constant", [], ["lo"], value=helper.make_tensor("lo_v", TensorProto.FLOAT, [], [-1.0])))
     nodes.append(helper.make_node("Constant", [], ["hi"], value=helper.make_tensor("hi_v", TensorProto.FLOAT, [], [1.0])))
     nodes.append(helper.make_node("Clip", [final, "lo", "hi"], ["x0"]))
     graph = helper.make_graph(nodes, "sampler", graph_inputs,
-                              [helper.make_tensor_value_info("x0", TensorProto.FLOAT, batch_dims)],
+                              [helper.make_tensor_value_info("x0", TensorProto.FLOAT, out_dims)],
                               initializer=initializers)
     model = helper.make_model(graph, opset_imports=list(step_model.opset_import),
                               producer_name="diffusion-toolkit", producer_version=__version__)
     model.ir_version = step_model.ir_version
     model.functions.extend(step_model.functions)
+    if decoder is not None:
+        model.functions.extend(decoder.functions)
     assert rank >= 2
     return model
 
@@ -249,6 +263,8 @@ def sampler_metadata(pipeline: Pipeline, layout: str, inputs: list[str]) -> dict
         "model": json.dumps(pipeline.config.get("model", {}).get("name")),
         "layout": layout,
         "inputs": json.dumps(inputs),
+        "output_shape": json.dumps(list(pipeline.output_shape)),
+        "latent": json.dumps(pipeline.latent.to_json() if pipeline.latent is not None else None),
     }
 
 
@@ -303,8 +319,24 @@ def export_sampler(pipeline: Pipeline, path: str | os.PathLike, *, layout: str =
         what += f" with guidance {pipeline.guidance.name!r}"
     step_model = _to_onnx(step, tuple(args), names, tuple(dynamic), "x_prev", what)
     inputs = ["x_T"] + [n for n in names[2:]]
-    model = _sampler_model(step_model, step.steps, inputs, shape, layout)
+    decoder = None
+    if pipeline.latent is not None:
+        decoder = _to_onnx(DecoderGraph(pipeline.latent).eval(), (torch.randn(b, *shape),), ["z"], ({0: B},), "x",
+                           "the latent decoder")
+    model = _sampler_model(step_model, step.steps, inputs, shape, layout, decoder, pipeline.output_shape)
     return _save(model, path, sampler_metadata(pipeline, layout, inputs))
+
+
+class DecoderGraph(nn.Module):
+    """A latent pipeline's decoder: scaled latents → data."""
+
+    def __init__(self, latent):
+        super().__init__()
+        self.latent = latent
+        self.net = latent.autoencoder
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.latent.decode(z)
 
 
 class PredictorGraph(nn.Module):

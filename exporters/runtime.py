@@ -80,7 +80,8 @@ class SamplerSession:
                              f"`toolkit export onnx`)")
         self.path = path
         self.metadata: dict[str, str] = dict(meta)
-        self.sample_shape = tuple(json.loads(meta["sample_shape"]))
+        self.sample_shape = tuple(json.loads(meta["sample_shape"]))  # of x_T (latents, for a latent model)
+        self.output_shape = tuple(json.loads(meta.get("output_shape") or meta["sample_shape"]))
         self.steps = int(meta["steps"])
         self.stochastic = json.loads(meta["stochastic"])
         self.num_classes = json.loads(meta["num_classes"])

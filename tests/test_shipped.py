@@ -26,7 +26,7 @@ def test_shipped_checkpoint_is_small_and_records_its_command():
     assert not (path / "training_state.safetensors").exists()
     shipped = sum(f.stat().st_size for name in toolkit.available("pretrained")
                   for f in Path(resolve_checkpoint(name)).iterdir())
-    assert shipped <= 4 * 1024 * 1024  # everything shipped so far
+    assert shipped <= 6_000_000  # everything shipped (latent diffusion issue: at most 6 MB)
 
 
 def test_shipped_classifier_steers_the_unconditional_model():

@@ -112,7 +112,8 @@ def read_tensors(path: str | os.PathLike, name: str = WEIGHTS, device: str | tor
 def build_model(config: dict[str, Any]) -> nn.Module:
     from toolkit.registry import create
 
-    kind = {"noise_predictor": "model", "classifier": "classifier", "features": "classifier"}.get(config.get("kind", "noise_predictor"))
+    kind = {"noise_predictor": "model", "classifier": "classifier", "features": "classifier",
+            "autoencoder": "latent"}.get(config.get("kind", "noise_predictor"))
     if kind is None:
         raise CheckpointError(f"checkpoint holds an unknown kind {config.get('kind')!r}")
     try:

@@ -221,17 +221,43 @@ def _run_training(task: str, dataset, data_options, model, model_options, schedu
 @click.option("--unconditional", is_flag=True, help="Ignore the dataset's labels.")
 @click.option("--p-uncond", default=0.1, show_default=True, type=float,
               help="Probability of replacing the label by the null label ∅ (classifier-free guidance).")
-def train_cmd(prediction, loss, learn_variance, unconditional, p_uncond, **kwargs) -> None:
+@click.option("--latent", default=None, help="Autoencoder checkpoint: train on its latents (latent diffusion).")
+def train_cmd(prediction, loss, learn_variance, unconditional, p_uncond, latent, **kwargs) -> None:
     """Train a noise predictor with L_simple (Algorithm 1) or L_hybrid into a checkpoint directory."""
     _run_training("noise_predictor", prediction=prediction, loss=loss, learned_variance=learn_variance,
-                  conditional=False if unconditional else None, p_uncond=p_uncond, **kwargs)
+                  conditional=False if unconditional else None, p_uncond=p_uncond, latent=_latent_arg(latent),
+                  **kwargs)
+
+
+def _latent_arg(latent: str | None) -> str | None:
+    """An autoencoder directory as an absolute path (the checkpoint must find it again), or a shipped name."""
+    if latent is None:
+        return None
+    from toolkit.registry import available
+
+    if "/" not in latent and latent in available("pretrained"):
+        return latent  # a shipped name stays a name, so the checkpoint works on any machine
+    return str(Path(latent).resolve()) if Path(latent).exists() else latent
 
 
 @cli.command("train-classifier")
 @_train_options("unet-encoder", 3000)
-def train_classifier_cmd(**kwargs) -> None:
+@click.option("--latent", default=None, help="Autoencoder checkpoint: classify its latents (for latent models).")
+def train_classifier_cmd(latent, **kwargs) -> None:
     """Train a noise-aware classifier p_φ(y | x_t, t) on data noised at random t (for classifier guidance)."""
-    _run_training("classifier", **kwargs)
+    _run_training("classifier", latent=_latent_arg(latent), **kwargs)
+
+
+@cli.command("train-autoencoder")
+@_train_options("autoencoder", 3000, ema_decay=0.99)
+@click.option("--latent-channels", default=2, show_default=True, type=int, help="Channels C of the latent.")
+@click.option("--downsample", default=2, show_default=True, type=int, help="Spatial factor F (a power of two).")
+@click.option("--kl-weight", default=1e-6, show_default=True, type=float,
+              help="Weight of KL(q(z|x) ‖ N(0, I)) (0: a plain autoencoder).")
+def train_autoencoder_cmd(latent_channels, downsample, kl_weight, model_options, **kwargs) -> None:
+    """Train the autoencoder of latent diffusion; records the latent scale factor and a fingerprint."""
+    options = (f"latent_channels={latent_channels}", f"downsample={downsample}", f"kl_weight={kl_weight}")
+    _run_training("autoencoder", model_options=(*options, *model_options), **kwargs)
 
 
 @cli.command("train-features")
@@ -275,6 +301,7 @@ def parse_classes(text: str | None, n: int, num_classes: int | None) -> tuple[li
               help="Any other sampler option (repeatable).")
 @click.option("--num-timesteps", "-T", type=int, default=None, help="T of the sampling schedule.")
 @click.option("--model", default=None, help="Checkpoint directory or pretrained name (default: digits).")
+@click.option("--latent", default=None, help="Autoencoder of a latent model (default: the one it records).")
 @click.option("--guidance", default=None, help="Guidance plugin: cfg (classifier-free) or classifier.")
 @click.option("--scale", type=float, default=None,
               help="Guidance scale: cfg weight w (0: conditional), classifier gradient scale s (0: unconditional).")
@@ -292,8 +319,8 @@ def parse_classes(text: str | None, n: int, num_classes: int | None) -> tuple[li
 @click.option("--layout", type=click.Choice(["loop", "unrolled"]), default="loop", show_default=True,
               help="With --backend onnxruntime: graph layout when exporting on the fly.")
 @click.option("--quiet", "-q", is_flag=True)
-def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_options, num_timesteps, model, guidance,
-                scale, classifier, class_, n, seed, batch_size, out, device, backend, onnx_file, layout,
+def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_options, num_timesteps, model, latent,
+                guidance, scale, classifier, class_, n, seed, batch_size, out, device, backend, onnx_file, layout,
                 quiet) -> None:
     """Compose a pipeline from named plugins and sample from it."""
     import toolkit
@@ -318,7 +345,7 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
 
         ctx = click.get_current_context()
         given = [p for p in ("schedule", "sampler", "steps", "eta", "spacing", "variance", "sampler_options",
-                             "num_timesteps", "model", "guidance", "classifier")
+                             "num_timesteps", "model", "latent", "guidance", "classifier")
                  if ctx.get_parameter_source(p) != ParameterSource.DEFAULT]
         if given:
             raise ToolkitError(f"--onnx takes the model, sampler and guidance from the graph: drop --{given[0].replace('_', '-')}")
@@ -339,7 +366,7 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
         guidance_options["classifier"] = classifier
     pipe = toolkit.compose(schedule=schedule, sampler=sampler, model=model, guidance=guidance, steps=steps,
                            num_timesteps=num_timesteps, device=device, batch_size=batch_size,
-                           guidance_options=guidance_options, **options)
+                           guidance_options=guidance_options, latent=latent, **options)
     if backend == "onnxruntime":
         from toolkit.exporters.onnx import cached_sampler_graph
 

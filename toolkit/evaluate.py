@@ -104,9 +104,12 @@ def _model_and_data(model: str | os.PathLike, dataset: str | None, dataset_optio
     from toolkit.pipeline import compose
     from toolkit.registry import create
 
+    from toolkit.checkpoint import read_config, resolve_checkpoint
+
+    if read_config(resolve_checkpoint(model)).get("latent"):
+        raise ToolkitError("nll is not available for a latent model: its bound is on the autoencoder's latents, "
+                           "not on the data")
     pipe = compose(model=model, sampler="ddim", steps=1, device=device)
-    if pipe.latent is not None or pipe.config.get("latent"):
-        raise ToolkitError("nll is not available for a latent model: its bound is on latents, not on the data")
     data_cfg = pipe.config.get("data", {})
     if dataset is None:
         if "dataset" not in data_cfg:
@@ -303,9 +306,9 @@ def sample_quality(model: str | os.PathLike | None, samplers: Sequence[tuple[str
             raise ToolkitError("the checkpoint does not record its data set: pass --dataset")
         dataset, dataset_options = data_cfg["dataset"], data_cfg.get("options", {})
     data: ArrayDataset = create("dataset", dataset, **(dataset_options or {}))
-    if tuple(data.sample_shape) != tuple(first.sample_shape):
+    if tuple(data.sample_shape) != tuple(first.output_shape):
         raise ToolkitError(f"dataset {data.name!r} has samples of shape {tuple(data.sample_shape)}, "
-                           f"the model {tuple(first.sample_shape)}")
+                           f"the model {tuple(first.output_shape)}")
     space = feature_space(features, data.name, data.sample_shape)
     real = space.features(data.x)
     K = first.num_classes

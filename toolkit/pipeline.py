@@ -60,6 +60,11 @@ class Pipeline:
         return tuple(self.predictor.sample_shape)
 
     @property
+    def output_shape(self) -> tuple[int, ...]:
+        """Shape of one returned sample: the data's (decoded) for a latent pipeline, else sample_shape."""
+        return tuple(self.latent.data_shape) if self.latent is not None else self.sample_shape
+
+    @property
     def num_classes(self) -> int | None:
         """Labels accepted: the guidance's (a classifier's classes) or the predictor's."""
         if self.guidance is not None and getattr(self.guidance, "num_classes", None) is not None:
@@ -226,13 +231,16 @@ def compose(
     batch_size: int = 500,
     schedule_options: dict[str, Any] | None = None,
     guidance_options: dict[str, Any] | None = None,
+    latent: str | os.PathLike | Any | None = None,
     **options: Any,
 ) -> Pipeline:
     """Build a Pipeline from plugin names (or objects); ``options`` go to the sampler (eta, spacing, ...).
 
     ``model``: a checkpoint directory, a shipped pretrained name ("digits", the default), or any
     object following the NoisePredictor protocol (e.g. your own nn.Module). ``schedule`` defaults
-    to the model's training schedule.
+    to the model's training schedule. A latent model samples latents and decodes them with the
+    autoencoder it was trained with; ``latent`` (an autoencoder checkpoint or a ``Latent``) pairs it
+    explicitly, and must be that same autoencoder (checked by fingerprint).
     """
     from toolkit.checkpoint import load_checkpoint
 
@@ -257,6 +265,19 @@ def compose(
         predictor = model
         if isinstance(model, nn.Module):
             model.to(device).eval()
+    latent_obj = None
+    if latent is not None or config.get("latent"):
+        from toolkit.latent import Latent, check_pairing, load_latent
+
+        if latent is None:
+            latent_obj = load_latent(config["latent"]["autoencoder"], device)
+        else:
+            latent_obj = latent if isinstance(latent, Latent) else load_latent(latent, device)
+        if config:
+            check_pairing(config, latent_obj)
+        if tuple(latent_obj.sample_shape) != tuple(predictor.sample_shape):
+            raise ToolkitError(f"the autoencoder's latents have shape {latent_obj.sample_shape}, the model "
+                               f"samples {tuple(predictor.sample_shape)}")
     if schedule is None:
         if train_schedule is None:
             raise ToolkitError("schedule is required for a model given as an object")
@@ -270,5 +291,5 @@ def compose(
         steps = getattr(sampler_obj, "default_steps", None) or schedule.num_timesteps
     sampler_obj.timesteps(schedule, steps)  # validates steps against T now, not mid-run
     return Pipeline(schedule=schedule, predictor=predictor, sampler=sampler_obj, steps=int(steps),
-                    guidance=guidance_obj, train_schedule=train_schedule, device=device,
+                    guidance=guidance_obj, latent=latent_obj, train_schedule=train_schedule, device=device,
                     batch_size=batch_size, config=config)

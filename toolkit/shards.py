@@ -47,14 +47,14 @@ def sample_shard(pipe, out: str | os.PathLike, n: int, seed: int, labels: Sequen
         x = pipe.sample(stop - start, seed=seed, labels=y, scale=scale, offset=start, progress=progress)
         arr = x.to(torch.float32).numpy()
     else:
-        arr = np.zeros((0, *pipe.sample_shape), np.float32)
+        arr = np.zeros((0, *pipe.output_shape), np.float32)
     atomic_write(path, lambda tmp: np.save(tmp, arr))
     if world.main:
         shards = []
         for r in range(world.size):
             a, b = shard(n, World(r, world.size))
             shards.append({"file": shard_name(r, world.size), "start": a, "stop": b})
-        index = {"n": n, "seed": seed, "world_size": world.size, "shape": list(pipe.sample_shape),
+        index = {"n": n, "seed": seed, "world_size": world.size, "shape": list(pipe.output_shape),
                  "shards": shards, **(meta or {})}
         text = json.dumps(index, indent=2)
         atomic_write(folder / INDEX, lambda tmp: Path(tmp).write_text(text))

@@ -24,7 +24,7 @@ from toolkit.errors import CheckpointError, ToolkitError, parse_device
 from toolkit.noise import sample_seed
 from toolkit.registry import create
 
-TASKS = ("noise_predictor", "classifier", "features")
+TASKS = ("noise_predictor", "classifier", "features", "autoencoder")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SYNC_EVERY = 10
 RESUMABLE_CHANGES = ("steps", "checkpoint_every")  # everything else must match the checkpoint to resume  # steps between reading the loss back (progress bar, divergence check)
@@ -66,6 +66,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = field(default=1000, validator=_positive)
     holdout: float = field(default=0.0, validator=_unit)  # fraction of the data kept out, to report accuracy
+    latent: str | None = None  # autoencoder checkpoint: train on its (scaled) latents of the data
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,6 +103,13 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor]) -> N
 
 def build(config: TrainConfig, data: ArrayDataset) -> nn.Module:
     """The network the config describes, shaped for the data."""
+    if config.task == "autoencoder":
+        if config.latent:
+            raise ToolkitError("an autoencoder trains on the data itself: drop --latent")
+        model = create("latent", config.model, **{**config.model_options, "sample_shape": data.sample_shape})
+        if not isinstance(model, nn.Module):
+            raise ToolkitError(f"autoencoder {config.model!r} is not a torch.nn.Module and cannot be trained")
+        return model
     if config.task in ("classifier", "features"):
         if data.y is None:
             raise ToolkitError(f"dataset {data.name!r} has no labels: it cannot train a classifier")
@@ -156,6 +164,34 @@ def loss_hybrid(model: nn.Module, schedule, x0: Tensor, t: Tensor, noise: Tensor
     log_variance = diffusion.learned_range_log_variance(schedule, t, v_raw)
     vlb = diffusion.vlb_terms(schedule, x0, x_t, t, eps.detach(), log_variance, levels).mean()
     return simple + HYBRID_LAMBDA * schedule.num_timesteps * vlb
+
+
+def loss_autoencoder(model: nn.Module, x0: Tensor, noise: Tensor) -> Tensor:
+    """‖x − D(z)‖² + kl_weight·KL(q(z|x) ‖ N(0, I)), z = μ + σ·noise (Rombach et al.'s KL-regularized autoencoder)."""
+    recon, kl = model(x0, noise)
+    return (recon - x0).pow(2).mean() + model.kl_weight * kl
+
+
+@torch.no_grad()
+def autoencoder_summary(model: nn.Module, x: Tensor, batch_size: int = 500) -> dict[str, Any]:
+    """The latent scale factor 1/std(z) over the data, the fingerprint, and the reconstruction error."""
+    from toolkit.latent import fingerprint
+
+    was = model.training
+    model.eval()
+    zs, sq, worst = [], 0.0, 0.0
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size]
+        z = model.encode(xb)
+        err = model.decode(z) - xb
+        zs.append(z.cpu())
+        sq += float(err.double().pow(2).sum())
+        worst = max(worst, float(err.abs().max()))
+    model.train(was)
+    z = torch.cat(zs)
+    return {"scale_factor": float(1.0 / z.double().std()), "fingerprint": fingerprint(model.state_dict()),
+            "latent_shape": list(z.shape[1:]), "data_shape": list(x.shape[1:]),
+            "reconstruction_mse": sq / x.numel(), "reconstruction_max_abs": worst}
 
 
 def loss_features(model: nn.Module, x0: Tensor, y: Tensor) -> Tensor:
@@ -240,11 +276,19 @@ def train(
         history = list(saved["training"].get("commands") or [saved["training"].get("command")])
 
     data = create("dataset", config.dataset, **config.dataset_options)
+    latent = None
+    if config.latent and config.task != "autoencoder":
+        from toolkit.latent import encode_dataset, load_latent
+
+        latent = load_latent(config.latent, device)
+        pixels = data
+        data = encode_dataset(latent, data, device)  # once, kept in memory
     schedule = create("schedule", config.schedule, num_timesteps=config.num_timesteps)
     torch.manual_seed(config.seed)
     model = build(config, data).to(device)
     classifier = config.task in ("classifier", "features")
-    conditional = model.num_classes is not None
+    autoencoder = config.task == "autoencoder"
+    conditional = model.num_classes is not None and not autoencoder
     config = TrainConfig(**{**config.to_json(), "conditional": conditional})
     ema = _ema(model, config.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -277,7 +321,9 @@ def train(
 
     def save(step: int, loss: float, elapsed: float) -> None:
         options = {**config.model_options, "sample_shape": list(data.sample_shape), "num_classes": model.num_classes}
-        if not classifier:
+        if autoencoder:
+            options.pop("num_classes")
+        elif not classifier:
             options.update(learned_variance=model.learned_variance, prediction=config.prediction)
         cfg = {
             "kind": config.task,
@@ -292,6 +338,11 @@ def train(
                          "command": history[0] if history else command,
                          "commands": [c for c in [*history, command] if c], "torch_version": torch.__version__},
         }
+        if autoencoder:
+            cfg["latent"] = autoencoder_summary(ema.module, x_all)
+        elif latent is not None:
+            cfg["latent"] = latent.to_json()
+            cfg["data"].update(shape=list(pixels.sample_shape), levels=pixels.levels, latent_shape=list(data.sample_shape))
         if classifier and len(held):
             cfg["training"]["holdout_accuracy"] = holdout_accuracy(
                 ema.module, config.task, x_all[held.to(device)], y_all[held.to(device)])
@@ -324,6 +375,8 @@ def train(
         t = torch.randint(config.num_timesteps, (config.batch_size,), generator=g)
         noise = torch.randn((config.batch_size, *data.sample_shape), generator=g)
         drop = torch.rand(config.batch_size, generator=g) < config.p_uncond
+        if autoencoder:
+            noise_z = torch.randn((config.batch_size, *model.latent_shape), generator=g)
         idx, t, noise, drop = idx[rows], t[rows], noise[rows], drop[rows]  # this rank's part of the batch
         x0 = x_all[idx.to(device)]
         y = None
@@ -335,7 +388,9 @@ def train(
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         with autocast:
-            if config.task == "features":
+            if autoencoder:
+                loss = loss_autoencoder(net, x0, noise_z[rows].to(device))
+            elif config.task == "features":
                 loss = loss_features(net, x0, y)
             elif classifier:
                 loss = loss_classifier(net, schedule, x0, t.to(device), noise.to(device), y)

@@ -2,6 +2,7 @@
 
 from toolkit.hookspecs import hookimpl
 
+from .autoencoder import ConvAutoencoder
 from .classifier import NoisyClassifier
 from .features import FeatureCNN
 from .mlp import MLP
@@ -20,4 +21,9 @@ def register_classifiers(register):
     register("cnn", FeatureCNN)  # clean-data classifier: the feature network of `evaluate --metric fid`
 
 
-__all__ = ["MLP", "FeatureCNN", "NoisyClassifier", "UNet"]
+@hookimpl
+def register_latents(register):
+    register("autoencoder", ConvAutoencoder)  # KL-regularized conv autoencoder (kl_weight=0: plain)
+
+
+__all__ = ["ConvAutoencoder", "MLP", "FeatureCNN", "NoisyClassifier", "UNet"]

@@ -22,3 +22,6 @@ def register_pretrained(register):
     register("digits-classifier", _shipped("digits-classifier"))
     # digits-features: a clean-data CNN (99.4% on a held-out 10%) whose 128-d layer is the FD feature space.
     register("digits-features", _shipped("digits-features"))
+    # latent-digits: a class-conditional UNet on the latents of latent-digits-ae (2×4×4, scaled to unit variance).
+    register("latent-digits", _shipped("latent-digits"))
+    register("latent-digits-ae", _shipped("latent-digits-ae"))
