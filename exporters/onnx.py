@@ -91,7 +91,7 @@ def _first_line(exc: BaseException) -> str:
 
 def _to_onnx(module: nn.Module, args: tuple, names: list[str], dynamic: tuple, output: str, what: str):
     """torch.export (so a lost dynamic batch is an error, not a silently static graph), then ONNX."""
-    onnx = _onnx()
+    _onnx()
     try:
         program = torch.export.export(module, args, dynamic_shapes=dynamic, strict=False)
     except Exception as exc:  # noqa: BLE001 - whatever torch.export trips on, name what failed and why
@@ -120,7 +120,8 @@ def _to_onnx(module: nn.Module, args: tuple, names: list[str], dynamic: tuple, o
 # ---------------------------------------------------------------- building the run from one step
 
 
-def _renamer(graph, keep: set[str], mapping: dict[str, str], prefix: str):
+def _renamer(keep: set[str], mapping: dict[str, str], prefix: str):
+    """Value names of a copied graph: initializers kept, inputs mapped, everything else prefixed."""
     def name(n: str) -> str:
         if not n or n in keep:
             return n
@@ -129,7 +130,7 @@ def _renamer(graph, keep: set[str], mapping: dict[str, str], prefix: str):
 
 
 def _copy_nodes(onnx, graph, keep: set[str], mapping: dict[str, str], prefix: str) -> list:
-    rename = _renamer(graph, keep, mapping, prefix)
+    rename = _renamer(keep, mapping, prefix)
     nodes = []
     for node in graph.node:
         new = onnx.NodeProto()
@@ -156,7 +157,6 @@ def _sampler_model(step_model, S: int, inputs: list[str], sample_shape: tuple[in
     keep = {init.name for init in g.initializer}
     step_out = g.output[0].name
     has_noise = "noise" in inputs
-    rank = len(sample_shape) + 1
     batch_dims: list[Any] = ["batch", *sample_shape]
     graph_inputs = [helper.make_tensor_value_info("x_T", TensorProto.FLOAT, batch_dims)]
     if has_noise:
@@ -229,7 +229,6 @@ def _sampler_model(step_model, S: int, inputs: list[str], sample_shape: tuple[in
     model.functions.extend(step_model.functions)
     if decoder is not None:
         model.functions.extend(decoder.functions)
-    assert rank >= 2
     return model
 
 

@@ -7,23 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
-from toolkit.cli import cli
+from helpers import one_line_error, run
 
 TINY = ["--model-option", "base_channels=8", "--model-option", "attention_heads=2"]
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def one_line_error(result, pattern):
-    assert result.exit_code == 2, (result.output, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert pattern in lines[0], lines[0]
 
 
 def test_plugins_json():

@@ -4,28 +4,15 @@ sample-quality sweep, from the Python API and the CLI."""
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 import toolkit
 from toolkit import diffusion
-from toolkit.cli import cli
+from helpers import one_line_error, run
 from toolkit.evaluate import bound_terms, nll, sample_quality, sampler_grid
 
 MU, S = 0.3, 0.2  # the 1-D data distribution N(MU, S²)
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def one_line_error(result, pattern):
-    assert result.exit_code == 2, (result.output, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert pattern in lines[0], lines[0]
 
 
 def _gaussian_bound_gap(variance: str, n: int) -> tuple[float, float]:

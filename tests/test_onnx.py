@@ -10,27 +10,15 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from click.testing import CliRunner
 
 import toolkit
-from toolkit.cli import cli
+from helpers import one_line_error, run
 from toolkit.exporters.onnx import export_predictor, export_sampler
 from toolkit.exporters.runtime import GraphError, SamplerSession, draw_noise
 from toolkit.noise import NoiseStreams
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "examples" / "onnx-app" / "sample_digits.py"
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def one_line_error(result, pattern):
-    assert result.exit_code == 2, (result.output, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert pattern in lines[0], lines[0]
 
 
 def torch_inputs(pipe, n, seed=0):

@@ -290,6 +290,25 @@ def parse_classes(text: str | None, n: int, num_classes: int | None) -> tuple[li
     return labels, None
 
 
+def sampler_and_guidance_options(sampler_options, eta, spacing, variance, guidance, scale,
+                                 classifier) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The sampler's options (--sampler-option plus the named ones) and the guidance's, checked together."""
+    options = parse_options(sampler_options, "--sampler-option")
+    for key, value in (("eta", eta), ("spacing", spacing), ("variance", variance)):
+        if value is not None:
+            options[key] = value
+    guidance_options: dict[str, Any] = {}
+    if scale is not None:
+        if guidance is None:
+            raise ToolkitError("--scale needs --guidance")
+        guidance_options["scale"] = scale
+    if classifier is not None:
+        if guidance != "classifier":
+            raise ToolkitError("--classifier needs --guidance classifier")
+        guidance_options["classifier"] = classifier
+    return options, guidance_options
+
+
 @cli.command("compose")
 @click.option("--schedule", default=None, help="Sampling schedule (default: the model's training schedule).")
 @click.option("--sampler", default="ddim", show_default=True)
@@ -351,19 +370,8 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
             raise ToolkitError(f"--onnx takes the model, sampler and guidance from the graph: drop --{given[0].replace('_', '-')}")
         _compose_onnx(onnx_file, None, class_, n, seed, batch_size, out, device, scale, quiet)
         return
-    options = parse_options(sampler_options, "--sampler-option")
-    for key, value in (("eta", eta), ("spacing", spacing), ("variance", variance)):
-        if value is not None:
-            options[key] = value
-    guidance_options: dict[str, Any] = {}
-    if scale is not None:
-        if guidance is None:
-            raise ToolkitError("--scale needs --guidance")
-        guidance_options["scale"] = scale
-    if classifier is not None:
-        if guidance != "classifier":
-            raise ToolkitError("--classifier needs --guidance classifier")
-        guidance_options["classifier"] = classifier
+    options, guidance_options = sampler_and_guidance_options(sampler_options, eta, spacing, variance, guidance,
+                                                             scale, classifier)
     pipe = toolkit.compose(schedule=schedule, sampler=sampler, model=model, guidance=guidance, steps=steps,
                            num_timesteps=num_timesteps, device=device, batch_size=batch_size,
                            guidance_options=guidance_options, latent=latent, **options)
@@ -483,17 +491,8 @@ def export_onnx_cmd(model, component, schedule, sampler, steps, eta, spacing, va
         raise ToolkitError(f"--out must be a .onnx file, got {out!r}")
     if not Path(out).parent.resolve().is_dir():
         raise ToolkitError(f"output folder {str(Path(out).parent)!r} does not exist")
-    options = parse_options(sampler_options, "--sampler-option")
-    for key, value in (("eta", eta), ("spacing", spacing), ("variance", variance)):
-        if value is not None:
-            options[key] = value
-    guidance_options: dict[str, Any] = {}
-    if scale is not None:
-        if guidance is None:
-            raise ToolkitError("--scale needs --guidance")
-        guidance_options["scale"] = scale
-    if classifier is not None:
-        guidance_options["classifier"] = classifier
+    options, guidance_options = sampler_and_guidance_options(sampler_options, eta, spacing, variance, guidance,
+                                                             scale, classifier)
     t0 = time.perf_counter()
     if component == "predictor":
         if guidance is not None or options or steps is not None:
@@ -599,15 +598,7 @@ def evaluate_cmd(model, metric, dataset, data_options, limit, variance, samplers
         grid = evaluate.sampler_grid([s.strip() for s in samplers.split(",") if s.strip()],
                                      _float_list(eta, "--eta"), parse_options(sampler_options, "--sampler-option"))
         step_list = [int(v) for v in (_float_list(steps, "--steps") or [])]
-        guidance_options: dict[str, Any] = {}
-        if scale is not None:
-            if guidance is None:
-                raise ToolkitError("--scale needs --guidance")
-            guidance_options["scale"] = scale
-        if classifier is not None:
-            if guidance != "classifier":
-                raise ToolkitError("--classifier needs --guidance classifier")
-            guidance_options["classifier"] = classifier
+        _, guidance_options = sampler_and_guidance_options((), None, None, None, guidance, scale, classifier)
         with progress_bar(sum(step_list) * len(grid) * -(-n // batch_size), "sample", quiet) as bar:
             report = evaluate.sample_quality(
                 model, grid, step_list, n=n, seed=seed, guidance=guidance, guidance_options=guidance_options,

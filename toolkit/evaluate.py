@@ -98,28 +98,34 @@ def log_variance_for(schedule: Schedule, variance: str, learned: bool) -> Callab
     return fixed_fn
 
 
-def _model_and_data(model: str | os.PathLike, dataset: str | None, dataset_options: dict[str, Any] | None,
-                    device: str | torch.device):
-    """The pipeline of a noise-predictor checkpoint, with its data set (or the one named) checked to fit."""
-    from toolkit.pipeline import compose
+def data_for(pipe, dataset: str | None, dataset_options: dict[str, Any] | None) -> ArrayDataset:
+    """The data set to compare a pipeline with: the one named, else the one its checkpoint was trained on;
+    its samples must have the pipeline's output shape."""
     from toolkit.registry import create
 
-    from toolkit.checkpoint import read_config, resolve_checkpoint
-
-    if read_config(resolve_checkpoint(model)).get("latent"):
-        raise ToolkitError("nll is not available for a latent model: its bound is on the autoencoder's latents, "
-                           "not on the data")
-    pipe = compose(model=model, sampler="ddim", steps=1, device=device)
     data_cfg = pipe.config.get("data", {})
     if dataset is None:
         if "dataset" not in data_cfg:
             raise ToolkitError("the checkpoint does not record its data set: pass --dataset")
         dataset, dataset_options = data_cfg["dataset"], data_cfg.get("options", {})
     data: ArrayDataset = create("dataset", dataset, **(dataset_options or {}))
-    if tuple(data.sample_shape) != tuple(pipe.sample_shape):
+    if tuple(data.sample_shape) != tuple(pipe.output_shape):
         raise ToolkitError(f"dataset {data.name!r} has samples of shape {tuple(data.sample_shape)}, "
-                           f"the model {tuple(pipe.sample_shape)}")
-    return pipe, data
+                           f"the model {tuple(pipe.output_shape)}")
+    return data
+
+
+def _model_and_data(model: str | os.PathLike, dataset: str | None, dataset_options: dict[str, Any] | None,
+                    device: str | torch.device):
+    """The pipeline of a noise-predictor checkpoint (not a latent one), with its data set checked to fit."""
+    from toolkit.checkpoint import read_config, resolve_checkpoint
+    from toolkit.pipeline import compose
+
+    if read_config(resolve_checkpoint(model)).get("latent"):
+        raise ToolkitError("nll is not available for a latent model: its bound is on the autoencoder's latents, "
+                           "not on the data")
+    pipe = compose(model=model, sampler="ddim", steps=1, device=device)
+    return pipe, data_for(pipe, dataset, dataset_options)
 
 
 def nll(model: str | os.PathLike, *, dataset: str | None = None, dataset_options: dict[str, Any] | None = None,
@@ -287,7 +293,6 @@ def sample_quality(model: str | os.PathLike | None, samplers: Sequence[tuple[str
     label and reports the class entropy instead (log K when all classes appear equally).
     """
     from toolkit.pipeline import compose
-    from toolkit.registry import create
 
     if n < 2:
         raise ToolkitError(f"-n must be at least 2 for a Fréchet distance, got {n}")
@@ -300,15 +305,7 @@ def sample_quality(model: str | os.PathLike | None, samplers: Sequence[tuple[str
                 model=model, sampler=name, steps=int(s), guidance=guidance, guidance_options=guidance_options,
                 device=device, batch_size=batch_size, **opts)
     first = next(iter(pipes.values()))
-    data_cfg = first.config.get("data", {})
-    if dataset is None:
-        if "dataset" not in data_cfg:
-            raise ToolkitError("the checkpoint does not record its data set: pass --dataset")
-        dataset, dataset_options = data_cfg["dataset"], data_cfg.get("options", {})
-    data: ArrayDataset = create("dataset", dataset, **(dataset_options or {}))
-    if tuple(data.sample_shape) != tuple(first.output_shape):
-        raise ToolkitError(f"dataset {data.name!r} has samples of shape {tuple(data.sample_shape)}, "
-                           f"the model {tuple(first.output_shape)}")
+    data = data_for(first, dataset, dataset_options)
     space = feature_space(features, data.name, data.sample_shape)
     real = space.features(data.x)
     K = first.num_classes
