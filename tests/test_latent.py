@@ -11,6 +11,8 @@ import torch
 import toolkit
 from helpers import one_line_error, run
 from toolkit.latent import encode_dataset, load_latent
+from toolkit.noise import NoiseStreams
+from toolkit.sampling import sample_loop
 
 TINY = ["--model-option", "base_channels=8", "--model-option", "attention_heads=2", "-q"]
 PRETRAINED = Path(toolkit.__file__).resolve().parent / "plugins" / "pretrained"
@@ -66,8 +68,12 @@ def test_latent_model_samples_through_the_wrapper(tiny_ae, tiny_latent_model, tm
     assert x.shape == (6, 1, 8, 8) and x.min() >= -1 and x.max() <= 1
     # the wrapper is decode(z / scale) of the latent run: sample the latents alone and decode them here
     pipe = toolkit.compose(model=tiny_latent_model, steps=5)
-    plain = toolkit.compose(model=pipe.predictor, schedule=pipe.schedule, steps=5)
-    z = plain.sample(6, seed=0, labels=[1, 2])
+    assert pipe.sampler.clip_x0 is False  # unit-variance latents are not confined to [-1, 1]
+    assert toolkit.compose(model=tiny_latent_model, clip_x0=True).sampler.clip_x0 is True
+    plain = toolkit.compose(model=pipe.predictor, schedule=pipe.schedule, steps=5, clip_x0=False)
+    streams = NoiseStreams(0, range(6), (2, 4, 4))  # the latent run without the final clamp to [-1, 1]
+    z = sample_loop(plain.sampler, plain.model_fn(torch.tensor([1, 2] * 3)), plain.schedule, streams.draw(),
+                    steps=5, noise_fn=lambda i: streams.draw())
     latent = load_latent(tiny_ae)
     with torch.no_grad():
         expected = latent.autoencoder.decode(z / latent.scale_factor).clamp(-1, 1)

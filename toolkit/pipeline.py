@@ -7,6 +7,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+import attrs
 from attrs import define, field
 from torch import Tensor, nn
 
@@ -278,6 +279,9 @@ def compose(
         if tuple(latent_obj.sample_shape) != tuple(predictor.sample_shape):
             raise ToolkitError(f"the autoencoder's latents have shape {latent_obj.sample_shape}, the model "
                                f"samples {tuple(predictor.sample_shape)}")
+        if getattr(sampler_obj, "clip_x0", False) and "clip_x0" not in options and attrs.has(type(sampler_obj)):
+            # latents are unit-variance, not confined to the data range [-1, 1]: clipping x̂_0 would distort them
+            sampler_obj = attrs.evolve(sampler_obj, clip_x0=False)
     if schedule is None:
         if train_schedule is None:
             raise ToolkitError("schedule is required for a model given as an object")
