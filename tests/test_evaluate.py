@@ -88,9 +88,10 @@ def test_nll_api_breakdown_adds_up(tiny_ckpt):
     assert math.isfinite(r.bits_per_dim) and r.bits_per_dim > 0
 
 
-def test_nll_learned_variance_needs_the_model():
+def test_nll_learned_variance_needs_the_model(tiny_ckpt):
     with pytest.raises(toolkit.ToolkitError, match="learn-variance"):
-        nll("digits", limit=1, variance="learned")
+        nll(tiny_ckpt, limit=1, variance="learned")
+    assert nll("digits", limit=2).variance == "learned"  # the shipped model learns Σ (Improved DDPM)
 
 
 def test_evaluate_cli_nll_json(tiny_ckpt, tmp_path):
