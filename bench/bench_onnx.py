@@ -3,6 +3,8 @@ in onnxruntime (Loop and unrolled layouts) against our PyTorch pipeline and diff
 same size with DDIMScheduler, eager), at batch 1 and 64; plus export time, graph size and session load time.
 
     python bench/bench_onnx.py [--threads 2] [--rounds 5]
+    python bench/bench_onnx.py --device cuda     # on a GPU machine: CUDA provider (IO binding) vs PyTorch on CUDA,
+                                                 # plus parity of the two over the whole run
 
 Rounds interleave the contenders, so the ratios come from one run on the same machine state.
 Writes bench/results/onnx.json.
@@ -55,9 +57,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    pipe = toolkit.compose(sampler="ddim", steps=STEPS)
+    pipe = toolkit.compose(sampler="ddim", steps=STEPS, device=args.device)
+    provider = args.device
     tmp = Path(tempfile.mkdtemp())
     graphs, export = {}, {}
     for layout in ("loop", "unrolled"):
@@ -68,11 +72,15 @@ def main() -> None:
     sessions = {}
     for layout, path in graphs.items():
         t0 = time.perf_counter()
-        sessions[layout] = SamplerSession(path, provider="cpu", threads=args.threads)
+        sessions[layout] = SamplerSession(path, provider=provider, threads=args.threads)
         export[layout]["session_load_s"] = round(time.perf_counter() - t0, 2)
         print(f"{layout:<9} export {export[layout]['export_s']:.1f} s, {export[layout]['size_mb']:.1f} MB, "
               f"session load {export[layout]['session_load_s']:.1f} s", flush=True)
 
+    x_check = torch.randn(8, 1, 8, 8)
+    parity = float(np.abs(sessions["loop"].run(x_check.numpy(), None, np.arange(8) % 10)
+                          - pipe.sample(8, labels=list(range(8)), noise=x_check).numpy()).max())
+    print(f"parity with PyTorch ({args.device}): max |difference| {parity:.2e}")
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
         labels = list(range(10))
@@ -82,10 +90,12 @@ def main() -> None:
             "onnxruntime loop": lambda: sessions["loop"].run(x_T.numpy(), None, np.resize(labels, batch)),
             "onnxruntime unrolled": lambda: sessions["unrolled"].run(x_T.numpy(), None, np.resize(labels, batch)),
         }
-        try:
-            contenders["diffusers"], dparams = diffusers_contender(batch)
-        except ImportError:
-            dparams = None
+        dparams = None
+        if args.device == "cpu":
+            try:
+                contenders["diffusers"], dparams = diffusers_contender(batch)
+            except ImportError:
+                pass
         times: dict[str, list[float]] = {k: [] for k in contenders}
         for fn in contenders.values():  # warm-up
             fn()
@@ -101,12 +111,15 @@ def main() -> None:
                          "speedup_vs_torch": base / med, "rounds": ts})
             print(f"batch {batch:>3}  {name:<22} {med * 1000:9.1f} ms  {batch / med:9.1f} samples/s  "
                   f"×{base / med:.2f} vs our torch", flush=True)
-    result = {"steps": STEPS, "threads": args.threads, "rounds": args.rounds, "export": export, "rows": rows,
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    result = {"steps": STEPS, "device": args.device, "parity_max_abs": parity, "threads": args.threads, "rounds": args.rounds, "export": export, "rows": rows,
               "params_ours": sum(p.numel() for p in pipe.predictor.parameters()), "params_diffusers": dparams,
               "torch": torch.__version__}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "onnx.json").write_text(json.dumps(result, indent=2))
-    print(f"wrote {RESULTS / 'onnx.json'}")
+    name = "onnx.json" if args.device == "cpu" else "onnx_cuda.json"
+    (RESULTS / name).write_text(json.dumps(result, indent=2))
+    print(f"wrote {RESULTS / name}")
 
 
 if __name__ == "__main__":
