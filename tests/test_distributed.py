@@ -130,3 +130,35 @@ def test_precision_options(tmp_path):
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["training"]["precision"] == "bf16"
     r = single("train", *TINY, "--steps", 2, "--precision", "fp16", "--out", tmp_path / "fp16")
     assert r.returncode == 2 and "--precision fp16 needs --device cuda" in r.stderr
+
+
+def test_a_killed_rank_stops_the_whole_run(tmp_path):
+    """Rank 1 dies mid-run: torchrun stops rank 0 too (no hang) and exits non-zero, naming the failed rank."""
+    out = tmp_path / "crash"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "toolkit",
+           "train", *TINY, "--steps", 100000, "--batch-size", 16, "--checkpoint-every", 2, "--out", str(out)]
+    proc = subprocess.Popen([str(c) for c in cmd], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "config.json").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        victims = [pid for pid in _pids_with(str(out)) if b"\x00RANK=1\x00" in _environ(pid)]
+        assert victims, "rank 1 not found"
+        os.kill(victims[0], signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert "rank: 1" in stderr or "rank 1" in stderr, stderr[-2000:]
+    time.sleep(1)
+    assert not _pids_with(str(out))  # rank 0 did not hang on the lost peer
+
+
+def _environ(pid):
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            return b"\x00" + fh.read()
+    except OSError:
+        return b""
