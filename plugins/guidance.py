@@ -146,6 +146,11 @@ class ClassifierGuidance:
     def num_classes(self) -> int:
         return self.model.num_classes
 
+    @property
+    def latent_fingerprint(self) -> str | None:
+        """The autoencoder whose latents the classifier was trained on (None: trained on the data)."""
+        return (self._loaded.config.get("latent") or {}).get("fingerprint")
+
     def alpha_bar(self, t: Tensor) -> Tensor:
         """ᾱ at (possibly fractional) training-schedule time t, interpolated."""
         a = self._loaded.schedule.alphas_cumprod.to(t.device)

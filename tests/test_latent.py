@@ -98,7 +98,10 @@ def test_guidance_through_the_wrapper(tiny_ae, tiny_latent_model, tmp_path):
         assert r.exit_code == 0, r.output
         assert np.isfinite(np.load(out)).all()
     one_line_error(run("compose", "--model", tiny_latent_model, "--guidance", "classifier", "--scale", 5,
-                       "--class", 4, "--out", tmp_path / "no.npy"), "does not fit the model's (2, 4, 4)")
+                       "--class", 4, "--out", tmp_path / "no.npy"), "guidance was trained on the data")
+    one_line_error(run("compose", "--model", "latent-digits", "--guidance", "classifier", "--classifier", clf,
+                       "--scale", 5, "--class", 4, "--out", tmp_path / "no.npy"),
+                   f"trained on the latents of autoencoder {load_latent(tiny_ae).fingerprint}")
 
 
 def test_latent_onnx_export_decodes_in_the_graph(tiny_latent_model, tmp_path):

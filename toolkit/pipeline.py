@@ -289,6 +289,15 @@ def compose(
     if isinstance(schedule, str):
         T = num_timesteps or (train_schedule.num_timesteps if train_schedule is not None else 1000)
         schedule = create("schedule", schedule, num_timesteps=T, **(schedule_options or {}))
+    if guidance_obj is not None and hasattr(guidance_obj, "latent_fingerprint"):
+
+        def space(fp: str | None) -> str:
+            return f"the latents of autoencoder {fp}" if fp else "the data"
+
+        mine = latent_obj.fingerprint if latent_obj is not None else None
+        if guidance_obj.latent_fingerprint != mine:
+            raise ToolkitError(f"the {guidance_obj.name} guidance was trained on {space(guidance_obj.latent_fingerprint)}, "
+                               f"the model samples {space(mine)}")
     if guidance_obj is not None and hasattr(guidance_obj, "check"):
         guidance_obj.check(predictor, train_schedule or schedule)
     if steps is None:
