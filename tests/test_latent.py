@@ -152,3 +152,13 @@ def test_shipped_latent_pipeline_and_size_budget():
     assert report.rows[0].accuracy > 0.9, report.rows[0]
     total = sum(f.stat().st_size for f in PRETRAINED.rglob("*") if f.is_file())
     assert total <= 6_000_000, total  # everything shipped: at most 6 MB
+
+
+def test_autoencoder_training_resumes_exactly(tmp_path):
+    common = ["train-autoencoder", "--batch-size", 8, "--model-option", "base_channels=8", "--checkpoint-every", 2,
+              "-q"]
+    assert run(*common, "--steps", 2, "--out", tmp_path / "a").exit_code == 0
+    assert run(*common, "--steps", 4, "--out", tmp_path / "a", "--resume").exit_code == 0
+    assert run(*common, "--steps", 4, "--out", tmp_path / "b").exit_code == 0
+    a, b = (json.loads((tmp_path / d / "config.json").read_text())["latent"] for d in ("a", "b"))
+    assert a["fingerprint"] == b["fingerprint"] and a["scale_factor"] == b["scale_factor"]
