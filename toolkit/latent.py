@@ -78,10 +78,10 @@ def encode_dataset(latent: Latent, data: ArrayDataset, device: torch.device, bat
     if tuple(data.sample_shape) != latent.data_shape:
         raise ToolkitError(f"autoencoder {latent.source!r} takes samples of shape {latent.data_shape}, "
                            f"dataset {data.name!r} has {tuple(data.sample_shape)}")
-    ae = latent.autoencoder.to(device).eval()
+    latent.autoencoder.to(device).eval()
     z = torch.cat([latent.encode(data.x[i:i + batch_size].to(device)).cpu() for i in range(0, len(data), batch_size)])
     return ArrayDataset(name=data.name, x=z, y=data.y, num_classes=data.num_classes, levels=None,
-                        class_names=data.class_names) if ae is not None else data
+                        class_names=data.class_names)
 
 
 def check_pairing(config: dict[str, Any], latent: Latent) -> None:
