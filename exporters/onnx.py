@@ -383,17 +383,16 @@ def cache_dir() -> Path:
 
 
 def _fingerprint(pipeline: Pipeline, layout: str) -> str:
+    """The cache key of a pipeline's graph: everything the metadata records, the schedule, the weights."""
     import hashlib
 
+    from toolkit.checkpoint import weights_fingerprint
+
     h = hashlib.sha256()
-    meta = sampler_metadata(pipeline, layout, [])
-    meta.pop("toolkit_version")
-    h.update(json.dumps([meta, __version__, torch.__version__, repr(pipeline.sampler), repr(pipeline.guidance),
-                         pipeline.schedule.alphas_cumprod.double().numpy().tobytes().hex()[:64]],
-                        sort_keys=True, default=str).encode())
-    for name, value in sorted(pipeline.predictor.state_dict().items()):
-        h.update(name.encode())
-        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    h.update(json.dumps([sampler_metadata(pipeline, layout, []), torch.__version__, repr(pipeline.sampler),
+                         repr(pipeline.guidance)], sort_keys=True, default=str).encode())
+    h.update(pipeline.schedule.alphas_cumprod.detach().cpu().double().numpy().tobytes())
+    h.update(weights_fingerprint(pipeline.predictor.state_dict()).encode())
     return h.hexdigest()[:24]
 
 

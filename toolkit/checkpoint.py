@@ -6,6 +6,7 @@ into place, so a killed run never leaves a half-written checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -75,6 +76,15 @@ def write_checkpoint(path: str | os.PathLike, config: dict[str, Any], tensors: d
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def weights_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """A short hash of a state dict: a latent model remembers its autoencoder by it; the ONNX cache keys on it."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:

@@ -174,12 +174,40 @@ def _train_options(default_model: str, default_steps: int, lr: float = 1e-3, ema
         click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
     ]
 
+    return _apply(options)
+
+
+def _apply(options: list):
+    """A decorator adding the click options, in order, to a command."""
+
     def decorate(fn):
         for option in reversed(options):
             fn = option(fn)
         return fn
 
     return decorate
+
+
+def _pipeline_options():
+    """The options that compose a pipeline, shared by compose and export onnx."""
+    return _apply([
+        click.option("--schedule", default=None, help="Sampling schedule (default: the model's training schedule)."),
+        click.option("--sampler", default="ddim", show_default=True),
+        click.option("--steps", type=int, default=None, help="Sampling steps S (default: ddim 50, ddpm T)."),
+        click.option("--eta", type=float, default=None, help="DDIM η in [0, 1] (0: deterministic)."),
+        click.option("--spacing", default=None, help="Timestep spacing: uniform, quadratic, trailing, linspace."),
+        click.option("--variance", default=None, help="DDPM σ²: posterior (β̃), beta (β), learned, auto."),
+        click.option("--sampler-option", "sampler_options", multiple=True, metavar="KEY=VALUE",
+                     help="Any other sampler option (repeatable)."),
+        click.option("--num-timesteps", "-T", type=int, default=None, help="T of the sampling schedule."),
+        click.option("--model", default=None, help="Checkpoint directory or pretrained name (default: digits)."),
+        click.option("--guidance", default=None, help="Guidance plugin: cfg (classifier-free) or classifier."),
+        click.option("--scale", type=float, default=None,
+                     help="Guidance scale: cfg weight w (0: conditional), classifier gradient scale s "
+                          "(0: unconditional)."),
+        click.option("--classifier", default=None,
+                     help="Classifier checkpoint for --guidance classifier (default: shipped)."),
+    ])
 
 
 def _run_training(task: str, dataset, data_options, model, model_options, schedule, num_timesteps, steps,
@@ -204,8 +232,9 @@ def _run_training(task: str, dataset, data_options, model, model_options, schedu
 
         result = train(config, out, resume=resume, overwrite=overwrite, device=device, quiet=quiet,
                        command=command, progress=progress, precision=precision, compile=compile_)
-    from toolkit.distributed import world_from_env
+    from toolkit.distributed import shutdown, world_from_env
 
+    shutdown()  # this process owns the group train() joined under torchrun: leave it cleanly
     if not world_from_env().main:
         return
     click.echo(f"wrote {result.path} (step {result.step}, loss {result.loss:.4f}, "
@@ -310,21 +339,8 @@ def sampler_and_guidance_options(sampler_options, eta, spacing, variance, guidan
 
 
 @cli.command("compose")
-@click.option("--schedule", default=None, help="Sampling schedule (default: the model's training schedule).")
-@click.option("--sampler", default="ddim", show_default=True)
-@click.option("--steps", type=int, default=None, help="Sampling steps S (default: ddim 50, ddpm T).")
-@click.option("--eta", type=float, default=None, help="DDIM η in [0, 1] (0: deterministic).")
-@click.option("--spacing", default=None, help="Timestep spacing: uniform, quadratic, trailing, linspace.")
-@click.option("--variance", default=None, help="DDPM σ²: posterior (β̃), beta (β), learned, auto.")
-@click.option("--sampler-option", "sampler_options", multiple=True, metavar="KEY=VALUE",
-              help="Any other sampler option (repeatable).")
-@click.option("--num-timesteps", "-T", type=int, default=None, help="T of the sampling schedule.")
-@click.option("--model", default=None, help="Checkpoint directory or pretrained name (default: digits).")
+@_pipeline_options()
 @click.option("--latent", default=None, help="Autoencoder of a latent model (default: the one it records).")
-@click.option("--guidance", default=None, help="Guidance plugin: cfg (classifier-free) or classifier.")
-@click.option("--scale", type=float, default=None,
-              help="Guidance scale: cfg weight w (0: conditional), classifier gradient scale s (0: unconditional).")
-@click.option("--classifier", default=None, help="Classifier checkpoint for --guidance classifier (default: shipped).")
 @click.option("--class", "class_", default=None, help="Label, comma list of labels, or 'all'.")
 @click.option("-n", "n", default=64, show_default=True, type=int, help="Number of samples.")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -462,26 +478,19 @@ def export_group() -> None:
 
 
 @export_group.command("onnx")
-@click.option("--model", default=None, help="Checkpoint directory or pretrained name (default: digits).")
 @click.option("--component", type=click.Choice(["sampler", "predictor"]), default="sampler", show_default=True,
               help="sampler: the whole sampling run as one graph; predictor: the network ε_θ(x, t, y) alone.")
-@click.option("--schedule", default=None, help="Sampling schedule (default: the model's training schedule).")
-@click.option("--sampler", default="ddim", show_default=True)
-@click.option("--steps", type=int, default=None, help="Sampling steps S (default: ddim 50, ddpm T).")
-@click.option("--eta", type=float, default=None, help="DDIM η in [0, 1].")
-@click.option("--spacing", default=None, help="Timestep spacing.")
-@click.option("--variance", default=None, help="DDPM σ²: posterior, beta, learned, auto.")
-@click.option("--sampler-option", "sampler_options", multiple=True, metavar="KEY=VALUE")
-@click.option("--num-timesteps", "-T", type=int, default=None)
-@click.option("--guidance", default=None, help="cfg (the scale becomes a graph input).")
-@click.option("--scale", type=float, default=None, help="Default guidance scale recorded in the graph.")
-@click.option("--classifier", default=None, help="Classifier checkpoint for --guidance classifier.")
+@_pipeline_options()
 @click.option("--layout", type=click.Choice(["loop", "unrolled"]), default="loop", show_default=True,
               help="An ONNX Loop over one step (small, loads fast) or every step unrolled.")
 @click.option("--out", required=True, type=click.Path(), help="The .onnx file to write.")
 def export_onnx_cmd(model, component, schedule, sampler, steps, eta, spacing, variance, sampler_options,
                     num_timesteps, guidance, scale, classifier, layout, out) -> None:
-    """Write an ONNX graph that onnxruntime runs without torch."""
+    """Write an ONNX graph that onnxruntime runs without torch.
+
+    With --guidance cfg the scale is a graph input (one per sample); --scale is the default recorded
+    in the graph's metadata.
+    """
     import time
 
     import toolkit
@@ -585,15 +594,12 @@ def evaluate_cmd(model, metric, dataset, data_options, limit, variance, samplers
                                   progress=tick, on_start=(lambda total: setattr(bar, "length", total))
                                   if bar is not None else None)
         payload = {"metric": "nll", "model": str(path), **result.to_json()}
-        if as_json:
-            click.echo(json.dumps(payload, indent=2))
-        else:
-            click.echo(f"bound on -log p(x_0), {result.n} points, variance {result.variance}, "
-                       f"conditioning: {result.conditioning}")
-            click.echo(f"  L_T (prior)        {result.prior:10.4f} bits/dim")
-            click.echo(f"  sum L_t-1 (t>=2)   {result.diffusion:10.4f} bits/dim")
-            click.echo(f"  L_0 (decoder)      {result.decoder:10.4f} bits/dim")
-            click.echo(f"  total              {result.bits_per_dim:10.4f} ± {result.stderr:.4f} bits/dim")
+        table = [f"bound on -log p(x_0), {result.n} points, variance {result.variance}, "
+                 f"conditioning: {result.conditioning}",
+                 f"  L_T (prior)        {result.prior:10.4f} bits/dim",
+                 f"  sum L_t-1 (t>=2)   {result.diffusion:10.4f} bits/dim",
+                 f"  L_0 (decoder)      {result.decoder:10.4f} bits/dim",
+                 f"  total              {result.bits_per_dim:10.4f} ± {result.stderr:.4f} bits/dim"]
     else:
         grid = evaluate.sampler_grid([s.strip() for s in samplers.split(",") if s.strip()],
                                      _float_list(eta, "--eta"), parse_options(sampler_options, "--sampler-option"))
@@ -608,18 +614,16 @@ def evaluate_cmd(model, metric, dataset, data_options, limit, variance, samplers
                    **report.to_json()}
         if plot is not None:
             evaluate.plot_quality(report, plot)
-        if as_json:
-            click.echo(json.dumps(payload, indent=2))
-        else:
-            click.echo(f"{report.dataset}: Fréchet distance in {report.features} features, n={report.n} "
-                       f"(real data scores {report.reference_fd:.3f})")
-            click.echo(f"{'sampler':<28} {'steps':>6} {'FD':>9} {'accuracy':>9} {'entropy':>8} {'samples/s':>10}")
-            for r in report.rows:
-                acc = f"{r.accuracy:.3f}" if r.accuracy is not None else "-"
-                ent = f"{r.class_entropy:.3f}" if r.class_entropy is not None else "-"
-                click.echo(f"{r.label:<28} {r.steps:>6} {r.fd:>9.3f} {acc:>9} {ent:>8} {r.samples_per_s:>10.1f}")
-            if plot is not None:
-                click.echo(f"wrote {plot}")
+        table = [f"{report.dataset}: Fréchet distance in {report.features} features, n={report.n} "
+                 f"(real data scores {report.reference_fd:.3f})",
+                 f"{'sampler':<28} {'steps':>6} {'FD':>9} {'accuracy':>9} {'entropy':>8} {'samples/s':>10}"]
+        for r in report.rows:
+            acc = f"{r.accuracy:.3f}" if r.accuracy is not None else "-"
+            ent = f"{r.class_entropy:.3f}" if r.class_entropy is not None else "-"
+            table.append(f"{r.label:<28} {r.steps:>6} {r.fd:>9.3f} {acc:>9} {ent:>8} {r.samples_per_s:>10.1f}")
+        if plot is not None:
+            table.append(f"wrote {plot}")
+    click.echo(json.dumps(payload, indent=2) if as_json else "\n".join(table))
     if out is not None:
         text = json.dumps(payload, indent=2)
         atomic_write(Path(out), lambda tmp: Path(tmp).write_text(text))

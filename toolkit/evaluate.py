@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import attrs
 import numpy as np
 import torch
 from attrs import asdict, define
@@ -299,11 +300,12 @@ def sample_quality(model: str | os.PathLike | None, samplers: Sequence[tuple[str
     if not steps or not samplers:
         raise ToolkitError("give at least one sampler and one number of steps")
     pipes = {}
-    for name, opts in samplers:
+    for name, opts in samplers:  # the checkpoint loads once per sampler; step counts only change `steps`
+        pipe = compose(model=model, sampler=name, steps=int(steps[0]), guidance=guidance,
+                       guidance_options=guidance_options, device=device, batch_size=batch_size, **opts)
         for s in steps:
-            pipes[(name, tuple(sorted(opts.items())), s)] = compose(
-                model=model, sampler=name, steps=int(s), guidance=guidance, guidance_options=guidance_options,
-                device=device, batch_size=batch_size, **opts)
+            pipe.sampler.timesteps(pipe.schedule, int(s))  # validates s against T before any sampling
+            pipes[(name, tuple(sorted(opts.items())), s)] = attrs.evolve(pipe, steps=int(s))
     first = next(iter(pipes.values()))
     data = data_for(first, dataset, dataset_options)
     space = feature_space(features, data.name, data.sample_shape)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Any
 
@@ -13,15 +12,6 @@ from torch import Tensor, nn
 
 from toolkit.data import ArrayDataset
 from toolkit.errors import CheckpointError, ToolkitError
-
-
-def fingerprint(state: dict[str, Tensor]) -> str:
-    """A short hash of an autoencoder's weights: a latent model remembers which autoencoder it was trained with."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        h.update(name.encode())
-        h.update(state[name].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 @define(frozen=True)

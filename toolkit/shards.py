@@ -1,5 +1,5 @@
-"""Sharded sampling: each rank (torchrun, or a process given --rank/--world-size) writes its own .npy shard of
-one run; rank 0 writes an index; ``merge`` joins them. Sample i is the same as in a single process run."""
+"""Sharded sampling: each rank (of torchrun, or RANK/WORLD_SIZE in the environment) writes its own .npy shard
+of one run; rank 0 writes an index; ``merge`` joins them. Sample i is the same as in a single process run."""
 
 from __future__ import annotations
 

@@ -26,8 +26,8 @@ from toolkit.registry import create
 
 TASKS = ("noise_predictor", "classifier", "features", "autoencoder")
 PRECISIONS = ("fp32", "bf16", "fp16")
-SYNC_EVERY = 10
-RESUMABLE_CHANGES = ("steps", "checkpoint_every")  # everything else must match the checkpoint to resume  # steps between reading the loss back (progress bar, divergence check)
+SYNC_EVERY = 10  # steps between reading the loss back (progress bar, divergence check)
+RESUMABLE_CHANGES = ("steps", "checkpoint_every")  # everything else must match the checkpoint to resume
 
 
 def _positive(instance, attribute, value) -> None:
@@ -175,8 +175,6 @@ def loss_autoencoder(model: nn.Module, x0: Tensor, noise: Tensor) -> Tensor:
 @torch.no_grad()
 def autoencoder_summary(model: nn.Module, x: Tensor, batch_size: int = 500) -> dict[str, Any]:
     """The latent scale factor 1/std(z) over the data, the fingerprint, and the reconstruction error."""
-    from toolkit.latent import fingerprint
-
     was = model.training
     model.eval()
     zs, sq, worst = [], 0.0, 0.0
@@ -189,7 +187,7 @@ def autoencoder_summary(model: nn.Module, x: Tensor, batch_size: int = 500) -> d
         worst = max(worst, float(err.abs().max()))
     model.train(was)
     z = torch.cat(zs)
-    return {"scale_factor": float(1.0 / z.double().std()), "fingerprint": fingerprint(model.state_dict()),
+    return {"scale_factor": float(1.0 / z.double().std()), "fingerprint": checkpoint.weights_fingerprint(model.state_dict()),
             "latent_shape": list(z.shape[1:]), "data_shape": list(x.shape[1:]),
             "reconstruction_mse": sq / x.numel(), "reconstruction_max_abs": worst}
 
