@@ -25,6 +25,7 @@ from toolkit._version import __version__
 from toolkit.errors import ToolkitError
 from toolkit.files import atomic_write
 from toolkit.pipeline import Pipeline
+from toolkit.sampling import as_v2, check_standard_loop, is_v2
 
 SAMPLER_KIND = "diffusion-toolkit-sampler"
 PREDICTOR_KIND = "diffusion-toolkit-predictor"
@@ -44,7 +45,8 @@ def _onnx():
 
 
 class StepGraph(nn.Module):
-    """Step i of a pipeline's sampling run: x_{τ_i} → x_{τ_{i+1}}, with τ_i read from a table by index."""
+    """Iteration i of a pipeline's sampling run, the sampler's own ``step``: (x, *state) → (x, *state),
+    with every per-step constant read from the sampler's plan by index."""
 
     def __init__(self, pipeline: Pipeline):
         super().__init__()
@@ -56,29 +58,40 @@ class StepGraph(nn.Module):
                 "input gradient ∇log p(y|x_t); torch.export does not trace torch.autograd.grad, and the "
                 "backward graph that make_fx can capture instead uses ops torch's ONNX exporter cannot "
                 "convert (aten.convolution_backward). Use cfg, or sample this guidance with PyTorch")
+        sampler = pipeline.sampler
+        if not is_v2(sampler):  # plugin API 1: only the standard loop can be reproduced
+            check_standard_loop(sampler, pipeline.schedule, pipeline.steps, tuple(pipeline.sample_shape))
+        self.sampler = as_v2(sampler)
         self.pipeline = pipeline
         self.net = pipeline.predictor  # registered, so its weights become graph initializers
-        ts = pipeline.timesteps.to(torch.long).cpu()
-        self.register_buffer("ts", ts.clone(), persistent=False)
-        self.register_buffer("ts_prev", torch.cat([ts[1:], torch.tensor([-1])]), persistent=False)
+        self.plan = self.sampler.plan(pipeline.schedule, pipeline.steps)
+        self.step_plan = self.plan.cast(torch.float32)
         self.time_map = pipeline.model_time_fn()  # built here: the schedule comparison stays out of the trace
-        self.steps = len(ts)
-        self.stochastic = bool(getattr(pipeline.sampler, "stochastic", False))
+        self.iterations = len(self.plan)
+        self.draws = self.plan.draws_per_step
         self.conditional = pipeline.num_classes is not None
         self.guided = pipeline.guidance is not None
 
     def forward(self, x: Tensor, i: Tensor, noise: Tensor | None = None, labels: Tensor | None = None,
-                scale: Tensor | None = None) -> Tensor:
+                scale: Tensor | None = None, state: list[Tensor] | None = None) -> tuple[Tensor, ...]:
         p = self.pipeline
         B = x.shape[0]
-        t = self.ts[i].expand(B)
-        t_prev = self.ts_prev[i].expand(B)
-        if noise is not None:  # no noise after the last step, whatever the sampler does with it
-            noise = noise * (i < self.steps - 1).to(noise.dtype)
         if labels is None and self.conditional:
             labels = torch.full((B,), int(p.num_classes), dtype=torch.long, device=x.device)
-        out = p.model_fn(labels, scale, self.time_map)(x, t)
-        return p.sampler.step(out, x, t, t_prev, p.schedule, noise)
+        model_fn = p.model_fn(labels, scale, self.time_map)
+        x, new_state = self.sampler.step(model_fn, x, tuple(state or ()), i, self.step_plan, noise)
+        return (x, *new_state)
+
+
+class InitGraph(nn.Module):
+    """The sampler's initial state from x_T (e.g. zeros for a multistep solver's history)."""
+
+    def __init__(self, sampler, plan):
+        super().__init__()
+        self.sampler, self.plan = sampler, plan
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        return tuple(self.sampler.init_state(x, self.plan))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -89,7 +102,7 @@ def _first_line(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def _to_onnx(module: nn.Module, args: tuple, names: list[str], dynamic: tuple, output: str, what: str):
+def _to_onnx(module: nn.Module, args: tuple, names: list[str], dynamic: tuple, output: str | list[str], what: str):
     """torch.export (so a lost dynamic batch is an error, not a silently static graph), then ONNX."""
     _onnx()
     try:
@@ -102,7 +115,8 @@ def _to_onnx(module: nn.Module, args: tuple, names: list[str], dynamic: tuple, o
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            onnx_program = torch.onnx.export(program, args, input_names=names, output_names=[output],
+            onnx_program = torch.onnx.export(program, args, input_names=names,
+                                             output_names=[output] if isinstance(output, str) else list(output),
                                              dynamo=True, opset_version=OPSET, verbose=False,
                                              optimize=True)
     except Exception as exc:  # noqa: BLE001
@@ -112,7 +126,11 @@ def _to_onnx(module: nn.Module, args: tuple, names: list[str], dynamic: tuple, o
     model = onnx_program.model_proto
     for inp in model.graph.input:
         dim0 = inp.type.tensor_type.shape.dim[0] if inp.type.tensor_type.shape.dim else None
-        if inp.name in ("x", "labels", "scale", "y", "t", "noise") and dim0 is not None and not dim0.dim_param:
+        dims = inp.type.tensor_type.shape.dim
+        if inp.name == "noise" and len(dims) > 1:
+            dim0 = dims[1]  # noise [draws, batch, ...]
+        if (inp.name in ("x", "labels", "scale", "y", "t", "noise") or inp.name.startswith("state")) \
+                and dim0 is not None and not dim0.dim_param:
             raise ToolkitError(f"cannot export {what}: input {inp.name!r} lost its dynamic batch dimension")
     return model
 
@@ -146,21 +164,38 @@ def _copy_nodes(onnx, graph, keep: set[str], mapping: dict[str, str], prefix: st
     return nodes
 
 
-def _sampler_model(step_model, S: int, inputs: list[str], sample_shape: tuple[int, ...], layout: str,
-                   decoder=None, output_shape: tuple[int, ...] | None = None):
-    """The whole run as one ONNX model from the one-step model (inputs x, i[, noise, labels, scale]),
-    followed by a latent pipeline's decoder model (input z) when there is one."""
+def _copy_graph(onnx, model, prefix: str, mapping: dict[str, str], initializers: list) -> tuple[list, list[str]]:
+    """A whole small model's nodes (its initializers renamed under ``prefix``); returns nodes and output names."""
+    keep: set[str] = set()
+    for init in model.graph.initializer:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(init)
+        copy.name = prefix + init.name
+        initializers.append(copy)
+    nodes = _copy_nodes(onnx, model.graph, keep, mapping, prefix)
+    return nodes, [mapping.get(o.name, prefix + o.name) for o in model.graph.output]
+
+
+def _sampler_model(step_model, iterations: int, draws: int, inputs: list[str], sample_shape: tuple[int, ...],
+                   layout: str, init_model=None, decoder=None, output_shape: tuple[int, ...] | None = None):
+    """The whole run as one ONNX model from the one-step model (inputs x, i[, noise, labels, scale],
+    state...; outputs x_prev, state...): the initial state from x_T (``init_model``), then an ONNX Loop
+    (or unrolled copies) carrying (x, *state), then a latent pipeline's decoder (input z)."""
     onnx = _onnx()
     from onnx import TensorProto, helper
 
     g = step_model.graph
     keep = {init.name for init in g.initializer}
-    step_out = g.output[0].name
+    step_in = [v.name for v in g.input]
+    state_in = [n for n in step_in if n.startswith("state")]
+    step_outs = [o.name for o in g.output]  # x_prev, then the new state in order
+    n_state = len(state_in)
     has_noise = "noise" in inputs
     batch_dims: list[Any] = ["batch", *sample_shape]
     graph_inputs = [helper.make_tensor_value_info("x_T", TensorProto.FLOAT, batch_dims)]
     if has_noise:
-        graph_inputs.append(helper.make_tensor_value_info("noise", TensorProto.FLOAT, [S, *batch_dims]))
+        graph_inputs.append(helper.make_tensor_value_info("noise", TensorProto.FLOAT,
+                                                          [iterations * draws, *batch_dims]))
     if "labels" in inputs:
         graph_inputs.append(helper.make_tensor_value_info("labels", TensorProto.INT64, ["batch"]))
     if "scale" in inputs:
@@ -168,54 +203,62 @@ def _sampler_model(step_model, S: int, inputs: list[str], sample_shape: tuple[in
     outer = {"labels": "labels", "scale": "scale"}
     nodes: list = []
     initializers = list(g.initializer)
+    init_state: list[str] = []
+    if n_state:
+        init_nodes, init_state = _copy_graph(onnx, init_model, "init/", {"x": "x_T"}, initializers)
+        nodes += init_nodes
+    if has_noise:  # iteration i reads noise slots i·D .. i·D + D - 1
+        initializers.append(helper.make_tensor("noise_slots", TensorProto.INT64, [iterations, draws],
+                                               list(range(iterations * draws))))
     if layout == "unrolled":
-        x = "x_T"
-        for k in range(S):
+        x, state = "x_T", list(init_state)
+        for k in range(iterations):
             p = f"step{k}/"
-            mapping = {**outer, "x": x, "i": p + "i"}
+            mapping = {**outer, "x": x, "i": p + "i", **dict(zip(state_in, state))}
             nodes.append(helper.make_node("Constant", [], [p + "i"], value=helper.make_tensor(
                 p + "i_value", TensorProto.INT64, [], [k])))
             if has_noise:
-                nodes.append(helper.make_node("Gather", ["noise", p + "i"], [p + "noise"], axis=0))
+                nodes.append(helper.make_node("Gather", ["noise_slots", p + "i"], [p + "slots"], axis=0))
+                nodes.append(helper.make_node("Gather", ["noise", p + "slots"], [p + "noise"], axis=0))
                 mapping["noise"] = p + "noise"
             nodes += _copy_nodes(onnx, g, keep, mapping, p)
-            x = p + step_out
+            outs = [mapping.get(o, p + o) for o in step_outs]
+            x, state = outs[0], outs[1:]
         final = x
     else:
         body_nodes = []
-        mapping = {**outer, "x": "x_in", "i": "iter"}
+        mapping = {**outer, "x": "x_in", "i": "iter", **{s_: f"{s_}_in" for s_ in state_in}}
         if has_noise:
-            body_nodes.append(helper.make_node("Gather", ["noise", "iter"], ["noise_i"], axis=0))
+            body_nodes.append(helper.make_node("Gather", ["noise_slots", "iter"], ["slots_i"], axis=0))
+            body_nodes.append(helper.make_node("Gather", ["noise", "slots_i"], ["noise_i"], axis=0))
             mapping["noise"] = "noise_i"
         body_nodes += _copy_nodes(onnx, g, keep, mapping, "")
         body_nodes.append(helper.make_node("Identity", ["cond_in"], ["cond_out"]))
-        body_nodes.append(helper.make_node("Identity", [step_out], ["x_out"]))
+        carried_out = ["x_out", *[f"{s_}_out" for s_ in state_in]]
+        for src, dst in zip(step_outs, carried_out):
+            body_nodes.append(helper.make_node("Identity", [mapping.get(src, src)], [dst]))
+        state_info = lambda suffix: [helper.make_tensor_value_info(f"{s_}{suffix}", TensorProto.FLOAT, None)  # noqa: E731
+                                     for s_ in state_in]
         body = helper.make_graph(
             body_nodes, "step",
             [helper.make_tensor_value_info("iter", TensorProto.INT64, []),
              helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-             helper.make_tensor_value_info("x_in", TensorProto.FLOAT, batch_dims)],
+             helper.make_tensor_value_info("x_in", TensorProto.FLOAT, batch_dims), *state_info("_in")],
             [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-             helper.make_tensor_value_info("x_out", TensorProto.FLOAT, batch_dims)],
-            initializer=initializers)  # inside the body: onnxruntime optimizes (pre-packs) them only there
-        initializers = []
+             helper.make_tensor_value_info("x_out", TensorProto.FLOAT, batch_dims), *state_info("_out")],
+            initializer=list(g.initializer))  # inside the body: onnxruntime optimizes (pre-packs) them only there
+        initializers = [t for t in initializers if t.name not in keep]
         nodes.append(helper.make_node("Constant", [], ["trip_count"],
-                                      value=helper.make_tensor("S", TensorProto.INT64, [], [S])))
+                                      value=helper.make_tensor("S", TensorProto.INT64, [], [iterations])))
         nodes.append(helper.make_node("Constant", [], ["cond"],
                                       value=helper.make_tensor("true", TensorProto.BOOL, [], [True])))
-        nodes.append(helper.make_node("Loop", ["trip_count", "cond", "x_T"], ["x_loop"], body=body))
+        nodes.append(helper.make_node("Loop", ["trip_count", "cond", "x_T", *init_state],
+                                      ["x_loop", *[f"{s_}_final" for s_ in state_in]], body=body))
         final = "x_loop"
     if decoder is not None:  # latent diffusion: decode the final latents inside the graph
-        dg = decoder.graph
-        prefix = "decode/"
-        keep_dec: set[str] = set()
-        for init in dg.initializer:
-            copy = onnx.TensorProto()
-            copy.CopyFrom(init)
-            copy.name = prefix + init.name
-            initializers.append(copy)
-        nodes += _copy_nodes(onnx, dg, keep_dec, {"z": final}, prefix)
-        final = prefix + dg.output[0].name
+        dec_nodes, dec_outs = _copy_graph(onnx, decoder, "decode/", {"z": final}, initializers)
+        nodes += dec_nodes
+        final = dec_outs[0]
     out_dims: list[Any] = ["batch", *(output_shape or sample_shape)]
     nodes.append(helper.make_node("Constant", [], ["lo"], value=helper.make_tensor("lo_v", TensorProto.FLOAT, [], [-1.0])))
     nodes.append(helper.make_node("Constant", [], ["hi"], value=helper.make_tensor("hi_v", TensorProto.FLOAT, [], [1.0])))
@@ -227,14 +270,31 @@ def _sampler_model(step_model, S: int, inputs: list[str], sample_shape: tuple[in
                               producer_name="diffusion-toolkit", producer_version=__version__)
     model.ir_version = step_model.ir_version
     model.functions.extend(step_model.functions)
-    if decoder is not None:
-        model.functions.extend(decoder.functions)
+    for extra in (init_model, decoder):
+        if extra is not None:
+            model.functions.extend(extra.functions)
     return model
+
+
+def sampler_options(sampler: Any) -> dict[str, Any]:
+    """Every option of a sampler, JSON-ready: an attrs class's init fields, else its public plain attributes."""
+    import attrs
+
+    def plain(v: Any) -> bool:
+        return v is None or isinstance(v, (bool, int, float, str)) or (
+            isinstance(v, (list, tuple)) and all(plain(e) for e in v))
+
+    if attrs.has(type(sampler)):
+        values = {a.name: getattr(sampler, a.name) for a in attrs.fields(type(sampler)) if a.init}
+    else:
+        values = {k: v for k, v in vars(sampler).items() if not k.startswith("_")}
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items() if plain(v) and k != "name"}
 
 
 def sampler_metadata(pipeline: Pipeline, layout: str, inputs: list[str]) -> dict[str, str]:
     """What travels in the ONNX file's metadata_props (all strings, JSON where structured)."""
     sampler = pipeline.sampler
+    plan = pipeline.plan
     data = pipeline.config.get("data", {})
     guidance = pipeline.guidance
     return {
@@ -243,15 +303,16 @@ def sampler_metadata(pipeline: Pipeline, layout: str, inputs: list[str]) -> dict
         "schedule": pipeline.schedule.name,
         "num_timesteps": str(pipeline.schedule.num_timesteps),
         "sampler": sampler.name,
-        "sampler_options": json.dumps({k: v for k, v in (("eta", getattr(sampler, "eta", None)),
-                                                         ("variance", getattr(sampler, "variance", None)),
-                                                         ("spacing", getattr(sampler, "spacing", None)),
-                                                         ("clip_x0", getattr(sampler, "clip_x0", None)))
-                                       if v is not None}),
+        "sampler_options": json.dumps(sampler_options(sampler), sort_keys=True),
+        "plugin_api": str(2 if is_v2(sampler) else 1),
         "steps": str(pipeline.steps),
-        "timesteps": json.dumps(pipeline.timesteps.tolist()),
+        "iterations": str(len(plan)),
+        "nfe": str(plan.nfe),
+        "draws_per_step": str(plan.draws_per_step),
+        "noise_slots": str(plan.noise_slots),
+        "timesteps": json.dumps(plan.t.tolist()),
         "eta": json.dumps(getattr(sampler, "eta", None)),
-        "stochastic": json.dumps(bool(getattr(sampler, "stochastic", False))),
+        "stochastic": json.dumps(plan.draws_per_step > 0),
         "sample_shape": json.dumps(list(pipeline.sample_shape)),
         "value_range": "[-1, 1]",
         "num_classes": json.dumps(pipeline.num_classes),
@@ -289,8 +350,9 @@ def export_sampler(pipeline: Pipeline, path: str | os.PathLike, *, layout: str =
                    steps: int | None = None) -> Path:
     """Write the whole sampling run of ``pipeline`` (sampler, steps, guidance) as one ONNX graph.
 
-    Inputs: x_T [B, *shape] float32; noise [S, B, *shape] for a stochastic sampler (slot i is the
-    noise of step i; the last is unused); labels [B] int64 for a class-conditional model (the null
+    Inputs: x_T [B, *shape] float32; noise [N, B, *shape] for a sampler that draws noise (N =
+    iterations × draws per step, metadata ``noise_slots``; iteration i reads slots i·D..i·D+D-1, and a
+    slot a step does not use, such as ddpm's last, is ignored); labels [B] int64 for a class-conditional model (the null
     label K samples unconditionally); scale [B] float32 with guidance. Output: x0 [B, *shape] in [-1, 1].
     ``layout``: "loop" (an ONNX Loop over one step) or "unrolled".
     """
@@ -299,30 +361,46 @@ def export_sampler(pipeline: Pipeline, path: str | os.PathLike, *, layout: str =
     if steps is not None and steps != pipeline.steps:
         from attrs import evolve
 
-        pipeline.sampler.timesteps(pipeline.schedule, steps)
+        from toolkit.sampling import sampler_plan
+
+        sampler_plan(pipeline.sampler, pipeline.schedule, steps)
         pipeline = evolve(pipeline, steps=int(steps))
     step = StepGraph(pipeline).eval()
     shape = tuple(pipeline.sample_shape)
     B, b = torch.export.Dim("batch", min=1, max=MAX_BATCH), 3
-    args: list[Tensor | None] = [torch.randn(b, *shape), torch.tensor(0)]
+    x_ex = torch.randn(b, *shape)
+    state = [s_.detach() for s_ in step.sampler.init_state(x_ex, step.step_plan)]
+    state = [s_ + 0.1 * torch.randn_like(s_) for s_ in state]  # example values only: no constant folding of zeros
+    args: list[Any] = [x_ex, torch.tensor(0)]
     names, dynamic = ["x", "i"], [{0: B}, None]
-    for flag, name, value in ((step.stochastic, "noise", torch.randn(b, *shape)),
-                              (step.conditional, "labels", torch.arange(b) % max(1, pipeline.num_classes or 1)),
-                              (step.guided, "scale", torch.ones(b))):
+    for flag, name, value, dyn in (
+            (step.draws > 0, "noise", torch.randn(max(step.draws, 1), b, *shape), {1: B}),
+            (step.conditional, "labels", torch.arange(b) % max(1, pipeline.num_classes or 1), {0: B}),
+            (step.guided, "scale", torch.ones(b), {0: B})):
         args.append(value if flag else None)
-        dynamic.append({0: B} if flag else None)
+        dynamic.append(dyn if flag else None)
         if flag:
             names.append(name)
+    args.append(state)
+    dynamic.append([{0: B} for _ in state])
+    state_names = [f"state{k}" for k in range(len(state))]
+    names += state_names
     what = f"sampler {pipeline.sampler.name!r}"
     if step.guided:
         what += f" with guidance {pipeline.guidance.name!r}"
-    step_model = _to_onnx(step, tuple(args), names, tuple(dynamic), "x_prev", what)
-    inputs = ["x_T"] + [n for n in names[2:]]
+    step_model = _to_onnx(step, tuple(args), names, tuple(dynamic), ["x_prev", *[f"{n}_next" for n in state_names]],
+                          what)
+    init_model = None
+    if state:
+        init_model = _to_onnx(InitGraph(step.sampler, step.step_plan).eval(), (x_ex,), ["x"], ({0: B},),
+                              [f"init{k}" for k in range(len(state))], f"the initial state of {what}")
+    inputs = ["x_T"] + [n for n in names[2:] if not n.startswith("state")]
     decoder = None
     if pipeline.latent is not None:
         decoder = _to_onnx(DecoderGraph(pipeline.latent).eval(), (torch.randn(b, *shape),), ["z"], ({0: B},), "x",
                            "the latent decoder")
-    model = _sampler_model(step_model, step.steps, inputs, shape, layout, decoder, pipeline.output_shape)
+    model = _sampler_model(step_model, step.iterations, step.draws, inputs, shape, layout, init_model, decoder,
+                           pipeline.output_shape)
     return _save(model, path, sampler_metadata(pipeline, layout, inputs))
 
 
@@ -425,8 +503,7 @@ def sample_onnx(session, n: int, seed: int = 0, labels: Any = None, scale: Any =
         x_T = streams.draw()
         noise = None
         if stochastic:
-            steps = [streams.draw() for _ in range(session.steps - 1)]
-            noise = torch.stack([*steps, torch.zeros_like(x_T)]).numpy()
+            noise = torch.stack([streams.draw() for _ in range(session.noise_slots)]).numpy()
         scale_b = scale[start:stop] if isinstance(scale, (list, tuple)) and len(scale) == n else scale
         try:
             x = session.run(x_T.numpy(), noise, None if y is None else y[start:stop].numpy(), scale_b)

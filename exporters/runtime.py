@@ -35,7 +35,7 @@ def _onnxruntime():
 
 def draw_noise(seed: int, n: int, shape: Sequence[int], steps: int, stochastic: bool,
                offset: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
-    """x_T [n, *shape] and step noise [S, n, *shape]: sample i's values come from its own numpy stream."""
+    """x_T [n, *shape] and step noise [slots, n, *shape]: sample i's values come from its own numpy stream."""
     xs, noises = [], []
     for i in range(offset, offset + n):
         rng = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, i]))
@@ -83,6 +83,8 @@ class SamplerSession:
         self.sample_shape = tuple(json.loads(meta["sample_shape"]))  # of x_T (latents, for a latent model)
         self.output_shape = tuple(json.loads(meta.get("output_shape") or meta["sample_shape"]))
         self.steps = int(meta["steps"])
+        # noise slots: iterations × draws per step (graphs before plugin API 2: one per step)
+        self.noise_slots = int(meta.get("noise_slots") or meta["steps"])
         self.stochastic = json.loads(meta["stochastic"])
         self.num_classes = json.loads(meta["num_classes"])
         self.guidance = meta.get("guidance") or None
@@ -132,10 +134,10 @@ class SamplerSession:
         if x_T.ndim != len(shape) + 1 or tuple(x_T.shape[1:]) != shape:
             raise GraphError(f"x_T must have shape [B, {', '.join(map(str, shape))}], got {list(x_T.shape)}")
         if "noise" in self.inputs:
-            want = (self.steps, x_T.shape[0], *shape)
+            want = (self.noise_slots, x_T.shape[0], *shape)
             if noise is None or tuple(noise.shape) != want:
                 got = None if noise is None else list(noise.shape)
-                raise GraphError(f"noise must have shape {list(want)} (steps, batch, sample), got {got}")
+                raise GraphError(f"noise must have shape {list(want)} (noise slots, batch, sample), got {got}")
         elif noise is not None:
             raise GraphError("this graph's sampler is deterministic: it takes no noise")
 
@@ -178,7 +180,7 @@ class SamplerSession:
         for start in range(0, n, batch_size):
             stop = min(n, start + batch_size)
             if x_T is None:
-                xb, nb = draw_noise(seed, stop - start, self.sample_shape, self.steps, "noise" in self.inputs,
+                xb, nb = draw_noise(seed, stop - start, self.sample_shape, self.noise_slots, "noise" in self.inputs,
                                     offset=start)
             else:
                 xb = np.asarray(x_T)[start:stop]

@@ -1,40 +1,29 @@
-"""Built-in samplers: ddpm (Ho et al. Algorithm 2) and ddim (Song et al., η and τ sub-sequences)."""
+"""Built-in samplers: ddpm (Ho et al. Algorithm 2) and ddim (Song et al., η, σ̂ and τ sub-sequences), plugin API 2.
+
+Every coefficient of a step is computed once per run in float64 (``plan``) and read by index in
+``step``, so the step is a few multiply-adds that trace to ONNX as they run in torch.
+"""
 
 from __future__ import annotations
 
-from typing import Callable
-
+import numpy as np
 import torch
-from attrs import define, field, validators
+from attrs import define, field
 from torch import Tensor
 
-from toolkit.diffusion import alpha_bar, predict_eps, predict_x0, q_posterior
 from toolkit.errors import ToolkitError
 from toolkit.hookspecs import hookimpl
-from toolkit.protocols import ModelFn, NoiseFn, Schedule
-from toolkit.sampling import SPACINGS, check_steps, sample_loop, spaced_timesteps
+from toolkit.protocols import ModelFn, Schedule
+from toolkit.sampling import SPACINGS, Plan, grid, log_snr_at, alpha_sigma, split_output, x0_and_eps
 
 
-def _split(out: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor | None]:
-    """ε and, for a learned-variance model (2C channels), the raw interpolation output."""
-    C = x_t.shape[1]
-    if out.shape[1] == C:
-        return out, None
-    if out.shape[1] == 2 * C:
-        return out[:, :C], out[:, C:]
-    raise ToolkitError(f"model output has {out.shape[1]} channels; expected {C} or {2 * C}")
-
-
-def _x0_eps(schedule: Schedule, x_t: Tensor, t: Tensor, eps: Tensor, clip: bool) -> tuple[Tensor, Tensor]:
-    x0 = predict_x0(schedule, x_t, t, eps)
-    if clip:  # clip the predicted x_0 to the data range, then re-derive ε (guided-diffusion)
-        x0 = x0.clamp(-1, 1)
-        eps = predict_eps(schedule, x_t, t, x0)
-    return x0, eps
-
-
-def _in(*choices):
-    return validators.in_(choices)
+def choice(*choices: str):
+    """An attrs validator with a one-line message (attrs' own prints a tuple)."""
+    def check(instance, attribute, value) -> None:
+        if value not in choices:
+            raise ToolkitError(f"{getattr(instance, 'name', type(instance).__name__)}: {attribute.name} must be one of "
+                               f"{', '.join(choices)}, not {value!r}")
+    return check
 
 
 @define(frozen=True)
@@ -47,59 +36,60 @@ class DDPM:
     1 - ᾱ_t/ᾱ_{t_prev} over the visited τ (respacing).
     """
 
-    variance: str = field(default="auto", validator=_in("auto", "posterior", "beta", "learned"))
+    variance: str = field(default="auto", validator=choice("auto", "posterior", "beta", "learned"))
     clip_x0: bool = True
-    spacing: str = field(default="uniform", validator=_in(*SPACINGS))
+    spacing: str = field(default="uniform", validator=choice(*SPACINGS))
     default_steps: int | None = None
     name: str = field(default="ddpm", init=False)
     stochastic: bool = field(default=True, init=False)
 
-    def timesteps(self, schedule: Schedule, steps: int) -> Tensor:
-        return spaced_timesteps(schedule.num_timesteps, check_steps(schedule, steps), self.spacing)
+    def plan(self, schedule: Schedule, steps: int) -> Plan:
+        g = grid(schedule, steps, self.spacing)
+        a, S = g.alpha**2, g.steps
+        a_t, a_prev = a[:-1], a[1:]
+        beta = 1 - a_t / a_prev  # the step's own β over the visited pair (eq. 6-7 respaced)
+        tilde = (1 - a_prev) / (1 - a_t) * beta
+        # At the last step β̃ = 0: log β̃ is clipped to the β̃ of t+1 → t, as guided-diffusion does, so the
+        # classifier-guidance shift Σ·s∇ does not vanish there (no noise is added at that step).
+        T = schedule.num_timesteps
+        a_next = alpha_sigma(log_snr_at(schedule, np.minimum(g.t[:-1] + 1, T - 1)))[0] ** 2
+        tilde_next = (1 - a_t) / np.maximum(1 - a_next, 1e-20) * (1 - a_next / a_t)
+        final = g.t[1:] < 0
+        return Plan(t=g.t[:-1], steps=S, draws_per_step=1, tables={
+            "alpha": g.alpha[:-1], "sigma": g.sigma[:-1],
+            "coef_x0": np.sqrt(a_prev) * beta / (1 - a_t),  # μ̃ = coef_x0·x̂_0 + coef_xt·x_t  (eq. 7)
+            "coef_xt": (1 - a_prev) * np.sqrt(a_t / a_prev) / (1 - a_t),
+            "log_beta": np.log(beta),
+            "log_tilde": np.log(np.maximum(np.where(final, tilde_next, tilde), 1e-20)),
+            "nonzero": (~final).astype(np.float64),
+        })
 
-    def log_variance(self, out: Tensor, x_t: Tensor, t: Tensor, t_prev: Tensor, schedule: Schedule) -> Tensor:
-        """log σ² of p(x_{t_prev} | x_t): the Σ that Algorithm 2 and classifier guidance use.
+    def init_state(self, x_T: Tensor, plan: Plan) -> tuple[Tensor, ...]:
+        return ()
 
-        At the final step (t_prev = -1) β̃ is 0; as in guided-diffusion, log β̃ there is clipped to the
-        β̃ of the step t+1 → t, so the guidance mean shift Σ·s∇ does not vanish (no noise is added).
-        """
-        _, v = _split(out, x_t)
-        f64 = torch.float64
-        a_t, a_prev = alpha_bar(schedule, t, x_t, f64), alpha_bar(schedule, t_prev, x_t, f64)
-        beta = 1 - a_t / a_prev
-        beta_tilde = (1 - a_prev) / (1 - a_t) * beta
-        t_next = (t + 1).clamp(max=schedule.num_timesteps - 1)
-        a_next = alpha_bar(schedule, t_next, x_t, f64)
-        beta_tilde_next = (1 - a_t) / (1 - a_next).clamp(min=1e-20) * (1 - a_next / a_t)
-        final = (t_prev < 0).reshape(beta.shape)
-        log_tilde = torch.log(torch.where(final, beta_tilde_next, beta_tilde).clamp(min=1e-20))
-        log_beta = torch.log(beta)
+    def log_variance(self, out: Tensor, x: Tensor, i: Tensor, plan: Plan) -> Tensor:
+        """log σ² of p(x_{t_prev} | x_t): the Σ that Algorithm 2 and classifier guidance use."""
+        _, v = split_output(out, x)
         mode = self.variance
         if mode == "auto":
             mode = "learned" if v is not None else "posterior"
+        log_beta, log_tilde = plan["log_beta"][i].to(x.dtype), plan["log_tilde"][i].to(x.dtype)
         if mode == "learned":
             if v is None:
                 raise ToolkitError("ddpm variance='learned' needs a model with learned variance (2C outputs)")
-            frac = (v + 1) / 2  # network output in [-1, 1] → v in [0, 1]
-            return frac * log_beta.to(x_t.dtype) + (1 - frac) * log_tilde.to(x_t.dtype)
-        if mode == "beta":
-            return log_beta.to(x_t.dtype).expand_as(x_t)
-        return log_tilde.to(x_t.dtype).expand_as(x_t)
+            frac = (v + 1) / 2  # network output in [-1, 1] → v in [0, 1]  (Improved DDPM eq. 15)
+            return frac * log_beta + (1 - frac) * log_tilde
+        return (log_beta if mode == "beta" else log_tilde).expand_as(x)
 
-    def step(self, out: Tensor, x_t: Tensor, t: Tensor, t_prev: Tensor, schedule: Schedule,
-             noise: Tensor | None) -> Tensor:
-        eps, _ = _split(out, x_t)
-        x0, _ = _x0_eps(schedule, x_t, t, eps, self.clip_x0)
-        mean, _ = q_posterior(schedule, x0, x_t, t, t_prev)  # μ̃(x_t, x̂_0), eq. 7
+    def step(self, model_fn: ModelFn, x: Tensor, state: tuple, i: Tensor, plan: Plan, noise: Tensor | None):
+        out = model_fn(x, plan.t[i])
+        eps, _ = split_output(out, x)
+        x0, _ = x0_and_eps(x, eps, plan["alpha"][i], plan["sigma"][i], self.clip_x0)
+        mean = plan["coef_x0"][i] * x0 + plan["coef_xt"][i] * x  # μ̃(x_t, x̂_0), eq. 7
         if noise is None:
-            return mean
-        std = torch.exp(0.5 * self.log_variance(out, x_t, t, t_prev, schedule))
-        nonzero = (t_prev >= 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))  # no noise at the last step
-        return mean + nonzero * std * noise
-
-    def sample(self, model_fn: ModelFn, schedule: Schedule, x_T: Tensor, *, steps: int,
-               noise_fn: NoiseFn, progress: Callable[[int], None] | None = None) -> Tensor:
-        return sample_loop(self, model_fn, schedule, x_T, steps=steps, noise_fn=noise_fn, progress=progress)
+            return mean, ()
+        std = torch.exp(0.5 * self.log_variance(out, x, i, plan))
+        return mean + plan["nonzero"][i] * std * noise[0], ()
 
 
 @define(frozen=True)
@@ -107,14 +97,17 @@ class DDIM:
     """Generalized DDPM sampling (Song et al. eq. 12) over a τ sub-sequence of S steps.
 
     x_{τ_{i-1}} = √ᾱ_{τ_{i-1}} x̂_0 + √(1-ᾱ_{τ_{i-1}}-σ²) ε_θ + σ ε, with
-    σ_{τ_i}(η) = η √((1-ᾱ_{τ_{i-1}})/(1-ᾱ_{τ_i})) √(1-ᾱ_{τ_i}/ᾱ_{τ_{i-1}}); η = 0 is deterministic DDIM,
-    η = 1 over all T steps is DDPM with σ² = β̃.
+    σ_{τ_i}(η) = η √((1-ᾱ_{τ_{i-1}})/(1-ᾱ_{τ_i})) √(1-ᾱ_{τ_i}/ᾱ_{τ_{i-1}}); η = 0 is deterministic DDIM
+    (the Euler method on the probability-flow ODE), η = 1 over all T steps is DDPM with σ² = β̃.
+    sigma="hat": the σ̂_{τ_i} = √(1-ᾱ_{τ_i}/ᾱ_{τ_{i-1}}) row of the DDIM paper's tables (DDPM's larger
+    variance over the sub-sequence: x = μ̃(x_t, x̂_0) + σ̂ z); η is then unused.
     """
 
     eta: float = field(default=0.0, converter=float)
     clip_x0: bool = True
-    spacing: str = field(default="uniform", validator=_in(*SPACINGS))
+    spacing: str = field(default="uniform", validator=choice(*SPACINGS))
     default_steps: int | None = 50
+    sigma: str = field(default="eta", validator=choice("eta", "hat"))
     name: str = field(default="ddim", init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -123,31 +116,36 @@ class DDIM:
 
     @property
     def stochastic(self) -> bool:
-        return self.eta > 0
+        return self.eta > 0 or self.sigma == "hat"
 
-    def timesteps(self, schedule: Schedule, steps: int) -> Tensor:
-        return spaced_timesteps(schedule.num_timesteps, check_steps(schedule, steps), self.spacing)
+    def plan(self, schedule: Schedule, steps: int) -> Plan:
+        g = grid(schedule, steps, self.spacing)
+        a = g.alpha**2
+        a_t, a_prev = a[:-1], a[1:]
+        tables = {"alpha": g.alpha[:-1], "sigma": g.sigma[:-1]}
+        if self.sigma == "hat":
+            beta = 1 - a_t / a_prev
+            tables |= {"c_x0": np.sqrt(a_prev) * beta / (1 - a_t), "c_eps": np.zeros_like(a_t),
+                       "c_x": (1 - a_prev) * np.sqrt(a_t / a_prev) / (1 - a_t),
+                       "s_noise": np.where(g.t[1:] >= 0, np.sqrt(beta), 0.0)}
+        else:
+            sig = self.eta * np.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))  # σ_τi(η)
+            tables |= {"c_x0": np.sqrt(a_prev), "c_eps": np.sqrt(np.clip(1 - a_prev - sig**2, 0, None)),
+                       "s_noise": sig}  # "direction pointing to x_t"
+        return Plan(t=g.t[:-1], steps=g.steps, tables=tables, draws_per_step=1 if self.stochastic else 0)
 
-    def sigma(self, t: Tensor, t_prev: Tensor, schedule: Schedule, like: Tensor) -> Tensor:
-        """σ_{τ_i}(η), in float64."""
-        a_t, a_prev = alpha_bar(schedule, t, like, torch.float64), alpha_bar(schedule, t_prev, like, torch.float64)
-        return self.eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+    def init_state(self, x_T: Tensor, plan: Plan) -> tuple[Tensor, ...]:
+        return ()
 
-    def step(self, out: Tensor, x_t: Tensor, t: Tensor, t_prev: Tensor, schedule: Schedule,
-             noise: Tensor | None) -> Tensor:
-        eps, _ = _split(out, x_t)
-        x0, eps = _x0_eps(schedule, x_t, t, eps, self.clip_x0)
-        a_prev = alpha_bar(schedule, t_prev, x_t, torch.float64)
-        sigma = self.sigma(t, t_prev, schedule, x_t)
-        dir_coef = (1 - a_prev - sigma**2).clamp(min=0).sqrt()  # "direction pointing to x_t"
-        x_prev = a_prev.sqrt().to(x_t.dtype) * x0 + dir_coef.to(x_t.dtype) * eps
-        if noise is not None and self.eta > 0:
-            x_prev = x_prev + sigma.to(x_t.dtype) * noise
-        return x_prev
-
-    def sample(self, model_fn: ModelFn, schedule: Schedule, x_T: Tensor, *, steps: int,
-               noise_fn: NoiseFn, progress: Callable[[int], None] | None = None) -> Tensor:
-        return sample_loop(self, model_fn, schedule, x_T, steps=steps, noise_fn=noise_fn, progress=progress)
+    def step(self, model_fn: ModelFn, x: Tensor, state: tuple, i: Tensor, plan: Plan, noise: Tensor | None):
+        eps, _ = split_output(model_fn(x, plan.t[i]), x)
+        x0, eps = x0_and_eps(x, eps, plan["alpha"][i], plan["sigma"][i], self.clip_x0)
+        x_prev = plan["c_x0"][i] * x0 + plan["c_eps"][i] * eps
+        if self.sigma == "hat":
+            x_prev = x_prev + plan["c_x"][i] * x
+        if noise is not None:
+            x_prev = x_prev + plan["s_noise"][i] * noise[0]
+        return x_prev, ()
 
 
 @hookimpl

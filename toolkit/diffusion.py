@@ -23,10 +23,33 @@ def gather(arr: Tensor, t: Tensor, like: Tensor, dtype: torch.dtype | None = Non
 def alpha_bar(schedule: Schedule, t: Tensor, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """ᾱ_t with ᾱ_{-1} = 1 (the clean data after the last step), shaped to broadcast with ``like``.
 
-    Pass dtype=torch.float64 to compute step coefficients exactly, then cast them to the data's dtype.
+    A floating-point t may be fractional: ᾱ = sigmoid(λ) with the log-SNR λ linear in t between the
+    schedule's integer times (exact at integer t). Pass dtype=torch.float64 to compute step
+    coefficients exactly, then cast them to the data's dtype.
     """
+    if t.is_floating_point():
+        return interp_alpha_bar(schedule, t, like, dtype)
     a = torch.cat([torch.ones(1, dtype=torch.float64), schedule.alphas_cumprod.to(torch.float64)])
     return gather(a, t.long() + 1, like, dtype)
+
+
+def interp(table: Tensor, t: Tensor) -> Tensor:
+    """table at fractional t in [0, len-1], linear between integer times; traceable (floor and two gathers)."""
+    n = table.shape[0]
+    tf = t.to(table.dtype).clamp(0, n - 1)
+    lo = tf.floor().long().clamp(max=max(n - 2, 0))
+    hi = (lo + 1).clamp(max=n - 1)
+    frac = tf - lo.to(table.dtype)
+    return table[lo] * (1 - frac) + table[hi] * frac
+
+
+def interp_alpha_bar(schedule: Schedule, t: Tensor, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """ᾱ at fractional t (λ interpolated), 1 where t < 0."""
+    a = schedule.alphas_cumprod.to(torch.float64)
+    lam = torch.log(a) - torch.log1p(-a)
+    tt = t.to(torch.float64).to(lam.device)
+    out = torch.where(tt < 0, torch.ones_like(tt), torch.sigmoid(interp(lam, tt)))
+    return out.to(device=like.device, dtype=dtype or like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
 
 def q_sample(schedule: Schedule, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -16,6 +16,9 @@ from toolkit.errors import ToolkitError, parse_device
 from toolkit.noise import NoiseStreams
 from toolkit.protocols import Guidance, ModelFn, NoisePredictor, Sampler, Schedule
 from toolkit.registry import create, missing_attributes
+
+if TYPE_CHECKING:
+    from toolkit.sampling import Plan
 
 DEFAULT_MODEL = "digits"
 
@@ -52,9 +55,26 @@ class Pipeline:
     config: dict[str, Any] = field(factory=dict)
 
     @property
+    def plan(self) -> "Plan":
+        """The sampler's plan for this run (time grid, per-step tables, network calls, noise draws)."""
+        from toolkit.sampling import sampler_plan
+
+        return sampler_plan(self.sampler, self.schedule, self.steps)
+
+    @property
     def timesteps(self) -> Tensor:
-        """The 0-based t the sampler visits, descending."""
-        return self.sampler.timesteps(self.schedule, self.steps)
+        """The sampling-schedule times at which the loop's iterations call the model, descending (float64)."""
+        return self.plan.t
+
+    @property
+    def nfe(self) -> int:
+        """Network calls per sample (each cfg call evaluates the network on two rows)."""
+        return self.plan.nfe
+
+    @property
+    def iterations(self) -> int:
+        """Loop iterations of one run (progress ticks per batch)."""
+        return len(self.plan)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -75,8 +95,10 @@ class Pipeline:
     @property
     def mean_shift(self) -> bool:
         """Guidance applied to the mean with the sampler's Σ (Algorithm 1) rather than in ε-space."""
+        from toolkit.sampling import is_v2
+
         return (self.guidance is not None and hasattr(self.guidance, "gradient")
-                and hasattr(self.sampler, "log_variance"))
+                and hasattr(self.sampler, "log_variance") and is_v2(self.sampler))
 
     def model_times(self) -> Tensor | None:
         """Training-schedule time for each sampling-schedule t (None when the schedules agree)."""
@@ -90,7 +112,11 @@ class Pipeline:
         if times is None:
             return lambda t: t
         times = times.to(self.device, torch.float32)
-        return lambda t: times[t]
+
+        def to_model_time(t: Tensor) -> Tensor:
+            return diffusion.interp(times, t) if t.is_floating_point() else times[t]
+
+        return to_model_time
 
     def model_fn(self, labels: Tensor | None, scale: Tensor | float | None = None,
                  time_map: Callable[[Tensor], Tensor] | None = None) -> ModelFn:
@@ -108,6 +134,8 @@ class Pipeline:
         schedule = self.schedule
 
         def fn(x_t: Tensor, t: Tensor) -> Tensor:
+            if t.ndim == 0:
+                t = t.expand(x_t.shape[0])
             out = predictor(x_t, to_model_time(t), labels)
             if prediction == "epsilon":
                 return out
@@ -192,6 +220,9 @@ class Pipeline:
                 raise ToolkitError("guidance scale must not be negative")
             scales = scales.expand(n) if scales.numel() == 1 else scales
         bs = batch_size or self.batch_size
+        from toolkit.sampling import is_v2, run_plan, stream_noise_fn
+
+        plan = self.plan if is_v2(self.sampler) else None
         out = []
         for start in range(0, n, bs):
             stop = min(n, start + bs)
@@ -202,8 +233,12 @@ class Pipeline:
             yb = y[start:stop].to(self.device) if y is not None else None
             sb = scales[start:stop].to(self.device) if scales is not None else None
             sampler = self.sampler_for(yb, sb)
-            x0 = sampler.sample(self.model_fn(yb, sb), self.schedule, x_T, steps=self.steps,
-                                noise_fn=lambda i, s=streams: s.draw(), progress=progress)
+            if plan is not None:
+                x0 = run_plan(sampler, self.model_fn(yb, sb), plan, x_T,
+                              noise_fn=stream_noise_fn(streams.draw, plan.draws_per_step), progress=progress)
+            else:  # plugin API 1: the sampler's own loop
+                x0 = sampler.sample(self.model_fn(yb, sb), self.schedule, x_T, steps=self.steps,
+                                    noise_fn=lambda i, s=streams: s.draw(), progress=progress)
             if self.latent is not None:
                 x0 = self.latent.decode(x0)
             if not torch.isfinite(x0).all():
@@ -302,7 +337,9 @@ def compose(
         guidance_obj.check(predictor, train_schedule or schedule)
     if steps is None:
         steps = getattr(sampler_obj, "default_steps", None) or schedule.num_timesteps
-    sampler_obj.timesteps(schedule, steps)  # validates steps against T now, not mid-run
+    from toolkit.sampling import sampler_plan
+
+    sampler_plan(sampler_obj, schedule, steps)  # validates steps against T now, not mid-run
     return Pipeline(schedule=schedule, predictor=predictor, sampler=sampler_obj, steps=int(steps),
                     guidance=guidance_obj, latent=latent_obj, train_schedule=train_schedule, device=device,
                     batch_size=batch_size, config=config)

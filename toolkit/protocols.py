@@ -7,7 +7,7 @@ Data convention: images are float32 NCHW in [-1, 1].
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 from torch import Tensor
 
@@ -47,48 +47,52 @@ class NoisePredictor(Protocol):
 
 
 # model_fn(x_t, t) -> ε (C channels), or ε and v (2C channels) for a learned-variance model.
+# t is the sampling-schedule time: a 0-d tensor or one per sample, integer or fractional.
 # The pipeline builds it: it converts v/x0 predictions to ε, maps time between schedules,
 # binds the labels and applies guidance, so samplers see one thing only.
 ModelFn = Callable[[Tensor, Tensor], Tensor]
-# noise_fn(i) -> the standard normal noise for the i-th step (shape of x), drawn per sample.
+# noise_fn(i) -> the standard normal draws of loop iteration i: [draws_per_step, B, *shape], drawn per sample.
 NoiseFn = Callable[[int], Tensor]
 
 
 @runtime_checkable
 class Sampler(Protocol):
-    """Turns a model and a schedule into samples.
+    """Plugin API 2: turns a model and a schedule into samples as a pure step with explicit state.
 
-    ``step`` is pure and traceable (no randomness, no Python state), so exporters can trace it:
-    ``out`` is the model output in ε-space at (x_t, t); ``noise`` is standard normal (or None for
-    a deterministic step); ``t_prev = -1`` is the final step to x_0. ``stochastic`` says whether
-    ``step`` uses its noise.
+    ``plan(schedule, steps) -> toolkit.sampling.Plan``: the run's time grid (fractional t allowed),
+    per-step constant tables, network calls and noise draws per step. ``init_state(x_T, plan)``: a fixed
+    tuple of tensors carried between steps (e.g. the previous x̂_0 of a multistep solver; () for DDIM).
+    ``step(model_fn, x, state, i, plan, noise) -> (x, state)``: iteration i (a 0-d int64 tensor) of
+    the run; it calls ``model_fn`` itself (as often as ``plan.nfe_per_step``) and reads everything
+    step-dependent from the plan's tables by ``i``; ``noise`` is [draws_per_step, B, ...] or None.
+    Pure and traceable: no Python branching on tensor values, no hidden attributes, no randomness.
+    The toolkit's loop (``toolkit.sampling.run_plan``) and the exported ONNX ``Loop`` both drive it.
+    Optional ``log_variance(out, x, i, plan)`` (ddpm): Σ of the step, for classifier guidance on the mean.
     """
+
+    name: str
+
+    def plan(self, schedule: Schedule, steps: int) -> Any: ...
+
+    def init_state(self, x_T: Tensor, plan: Any) -> tuple[Tensor, ...]: ...
+
+    def step(self, model_fn: ModelFn, x: Tensor, state: tuple[Tensor, ...], i: Tensor, plan: Any,
+             noise: Tensor | None) -> tuple[Tensor, tuple[Tensor, ...]]: ...
+
+
+@runtime_checkable
+class SamplerV1(Protocol):
+    """Plugin API 1 (still accepted): ``timesteps`` and a pure ``step(out, x_t, t, t_prev, schedule, noise)``
+    with integer t and one model call per step, driven by the toolkit's adapter. A ``sample`` of its own
+    runs in torch; the exporter refuses it unless it is the standard loop."""
 
     name: str
     stochastic: bool
 
     def timesteps(self, schedule: Schedule, steps: int) -> Tensor: ...
 
-    def step(
-        self,
-        out: Tensor,
-        x_t: Tensor,
-        t: Tensor,
-        t_prev: Tensor,
-        schedule: Schedule,
-        noise: Tensor | None,
-    ) -> Tensor: ...
-
-    def sample(
-        self,
-        model_fn: ModelFn,
-        schedule: Schedule,
-        x_T: Tensor,
-        *,
-        steps: int,
-        noise_fn: NoiseFn,
-        progress: Callable[[int], None] | None = None,
-    ) -> Tensor: ...
+    def step(self, out: Tensor, x_t: Tensor, t: Tensor, t_prev: Tensor, schedule: Schedule,
+             noise: Tensor | None) -> Tensor: ...
 
 
 @runtime_checkable
@@ -110,7 +114,7 @@ class Guidance(Protocol):
 
     Optional, for guidance that steers the mean of p(x_{t-1}|x_t) (classifier guidance, Algorithm 1
     of Dhariwal & Nichol): ``gradient(x_t, t, y, scale) -> s·∇ log p(y|x_t)``. A sampler that exposes
-    ``log_variance(out, x_t, t, t_prev, schedule)`` (ddpm) then gets the mean shift Σ·s·∇ added to
+    ``log_variance(out, x, i, plan)`` (ddpm) then gets the mean shift Σ·s·∇ added to
     its step instead of the ε-space form. Optional ``num_classes`` (labels the guidance accepts) and
     ``check(predictor, train_schedule)`` (raise ToolkitError when the guidance does not fit the model).
     """

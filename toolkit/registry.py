@@ -262,6 +262,11 @@ def create(kind: str, name: str, **kwargs: Any) -> Any:
     protocol = PROTOCOLS.get(kind)
     if protocol is not None:
         missing = missing_attributes(obj, protocol)
+        if missing and kind == "sampler":
+            from toolkit.protocols import SamplerV1
+
+            if not missing_attributes(obj, SamplerV1):
+                missing = []  # plugin API 1, run through the adapter
         if missing:
             raise PluginError(
                 f"{kind} {entry.name!r} from {entry.dist} does not follow the {protocol.__name__} "

@@ -1,28 +1,39 @@
-"""What samplers share: timestep sub-sequences τ and the loop that calls the model and ``step``."""
+"""What samplers share: time grids, the Plan of one run, and the one loop that drives a sampler.
+
+Plugin API 2: a sampler is ``plan`` (per-step constants), ``init_state`` and a pure ``step``; the
+toolkit owns the loop (here, for the torch backend) and the exporter builds the same loop as an ONNX
+``Loop``, so what is exported is exactly what runs in torch. Version-1 samplers (``timesteps`` and
+``step(out, x_t, t, t_prev, schedule, noise)``) run through ``V1Adapter``.
+"""
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+from typing import Any, Callable
 
 import numpy as np
 import torch
+from attrs import define, field
 from torch import Tensor
 
 from toolkit.errors import ToolkitError
-from toolkit.protocols import ModelFn, NoiseFn, Sampler, Schedule
+from toolkit.protocols import ModelFn, NoiseFn, Sampler, SamplerV1, Schedule
 
-SPACINGS = ("uniform", "quadratic", "trailing", "linspace")
+INTEGER_SPACINGS = ("uniform", "quadratic", "trailing", "linspace")
+SPACINGS = (*INTEGER_SPACINGS, "logsnr", "karras")
+KARRAS_RHO = 7.0
+SIGMA_MAX = 80.0  # Karras et al. 2022's σ_max: the continuous grids start at σ̃ = min(80, σ̃_{T-1})
 
 
-def check_steps(schedule: Schedule, steps: int) -> int:
+def check_steps(schedule: Schedule, steps: int, minimum: int = 1) -> int:
     T = schedule.num_timesteps
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
-        raise ToolkitError(f"steps must be an integer in 1..{T} (the schedule's T), got {steps!r}")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not minimum <= steps <= T:
+        raise ToolkitError(f"steps must be an integer in {minimum}..{T} (the schedule's T), got {steps!r}")
     return int(steps)
 
 
 def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -> Tensor:
-    """τ: ``steps`` 0-based timesteps, descending.
+    """τ: ``steps`` 0-based integer timesteps, descending.
 
     uniform: τ_i = ⌊i·T/S⌋ (DDIM's "uniform"; diffusers' "leading" when S divides T); quadratic: τ_i = ⌊(i·√(0.8T)/(S-1))²⌋
     (DDIM's CIFAR-10 choice); trailing: T-1 down in steps of T/S (Lin et al. 2024, starts at t=T-1);
@@ -42,24 +53,200 @@ def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -
     elif spacing == "linspace":
         seq = np.round(np.linspace(0, T - 1, S)).astype(np.int64)
     else:
-        raise ToolkitError(f"unknown spacing {spacing!r}; choose from {', '.join(SPACINGS)}")
+        raise ToolkitError(f"unknown spacing {spacing!r}; choose from {', '.join(INTEGER_SPACINGS)}")
     seq = np.unique(np.clip(seq, 0, T - 1))
     if len(seq) != S:
         raise ToolkitError(f"{spacing} spacing gives {len(seq)} distinct timesteps, not {S}")
     return torch.from_numpy(seq[::-1].copy())
 
 
+# ---------------------------------------------------------------- continuous time on a discrete schedule
+
+
+def log_snr_table(schedule: Schedule) -> np.ndarray:
+    """λ_t = log(ᾱ_t / (1-ᾱ_t)) at t = 0..T-1, float64, strictly decreasing."""
+    a = schedule.alphas_cumprod.detach().cpu().double().numpy()
+    return np.log(a) - np.log1p(-a)
+
+
+def log_snr_at(schedule: Schedule, t) -> np.ndarray:
+    """λ at (fractional) t in [0, T-1], linear in t between the schedule's integer times; t = -1 gives +inf."""
+    lam = log_snr_table(schedule)
+    t = np.asarray(t, dtype=np.float64)
+    out = np.interp(np.clip(t, 0, len(lam) - 1), np.arange(len(lam)), lam)
+    return np.where(t < 0, np.inf, out)
+
+
+def time_of_log_snr(schedule: Schedule, lam) -> np.ndarray:
+    """The fractional t whose λ (linear interpolation) equals ``lam``; the inverse of ``log_snr_at``."""
+    table = log_snr_table(schedule)
+    return np.interp(np.asarray(lam, dtype=np.float64), table[::-1], np.arange(len(table))[::-1].astype(np.float64))
+
+
+def alpha_sigma(lam) -> tuple[np.ndarray, np.ndarray]:
+    """α = √ᾱ and σ = √(1-ᾱ) from λ (λ = +inf: the clean data, α = 1, σ = 0)."""
+    lam = np.asarray(lam, dtype=np.float64)
+    alpha = np.sqrt(1.0 / (1.0 + np.exp(-lam)))
+    sigma = np.sqrt(1.0 / (1.0 + np.exp(lam)))
+    return alpha, sigma
+
+
+def time_grid(schedule: Schedule, steps: int, spacing: str = "uniform") -> np.ndarray:
+    """``steps`` sampling times, descending (float64; fractional for logsnr and karras).
+
+    The integer spacings are those of ``spaced_timesteps``. logsnr: even in λ (Lu et al. 2022's
+    choice for DPM-Solver); karras: σ̃ = √((1-ᾱ)/ᾱ) on Karras et al.'s ρ = 7 grid. Both run from
+    σ̃ = min(80, σ̃_{T-1}) (Karras et al.'s σ_max: a cosine schedule's σ̃_{T-1} is 2·10⁴, where x̂_0 is
+    ε's error times 2·10⁴ and a step's coefficients lose float32 precision) to t = 0, so their first
+    time is fractional there. The run ends after the last time with one step to the clean data (t = -1).
+    """
+    T = schedule.num_timesteps
+    steps = check_steps(schedule, steps)
+    if spacing in INTEGER_SPACINGS:
+        return spaced_timesteps(T, steps, spacing).numpy().astype(np.float64)
+    lam = log_snr_table(schedule)
+    lam_start = max(lam[-1], -2 * math.log(SIGMA_MAX))
+    if spacing == "logsnr":
+        grid = np.linspace(lam_start, lam[0], steps)
+    elif spacing == "karras":
+        s_max, s_min = math.exp(-lam_start / 2), math.exp(-lam[0] / 2)
+        ramp = np.linspace(0, 1, steps)
+        sig = (s_max ** (1 / KARRAS_RHO) + ramp * (s_min ** (1 / KARRAS_RHO) - s_max ** (1 / KARRAS_RHO))) ** KARRAS_RHO
+        grid = -2 * np.log(sig)
+    else:
+        raise ToolkitError(f"unknown spacing {spacing!r}; choose from {', '.join(SPACINGS)}")
+    t = time_of_log_snr(schedule, grid)
+    if steps > 1:
+        t[-1] = 0.0  # exact end, no interpolation round-off
+    if steps > 1 and not bool(np.all(np.diff(t) < 0)):
+        raise ToolkitError(f"{spacing} spacing does not give {steps} distinct times on this schedule")
+    return t
+
+
+# ---------------------------------------------------------------- the plan of one run
+
+
+def _table(value: Any) -> Tensor:
+    t = torch.as_tensor(np.asarray(value) if not isinstance(value, Tensor) else value)
+    return t.to(torch.float64) if t.is_floating_point() else t.to(torch.long)
+
+
+@define(frozen=True)
+class Plan:
+    """The constants of one sampling run: loop iteration i calls the model at sampling time ``t[i]``
+    (fractional allowed; other calls of the same step read their times from the tables) and reads its
+    coefficients from ``tables`` by i. Float tables are float64 until ``cast``.
+
+    ``steps`` is what the user asked for; ``len(plan)`` is the number of loop iterations (a staged
+    solver such as heun takes 2·steps - 1). ``draws_per_step`` standard normals of x's shape feed each
+    iteration (noise [D, B, ...]); ``nfe_per_step`` network calls are made in each iteration.
+    """
+
+    t: Tensor = field(converter=_table)
+    steps: int
+    tables: dict[str, Tensor] = field(factory=dict, converter=lambda d: {k: _table(v) for k, v in d.items()})
+    nfe_per_step: int = 1
+    draws_per_step: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        n = self.t.shape[0]
+        for key, value in self.tables.items():
+            if value.ndim < 1 or value.shape[0] != n:
+                raise ToolkitError(f"plan table {key!r} has {value.shape[0] if value.ndim else 0} rows, "
+                                   f"not one per iteration ({n})")
+
+    def __len__(self) -> int:
+        return int(self.t.shape[0])
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.tables[name]
+
+    @property
+    def nfe(self) -> int:
+        """Network calls of the whole run."""
+        return len(self) * self.nfe_per_step
+
+    @property
+    def noise_slots(self) -> int:
+        """Standard-normal draws of x's shape over the whole run, in the order the steps consume them."""
+        return len(self) * self.draws_per_step
+
+    def cast(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "Plan":
+        """The same plan with float tables (and t) in ``dtype`` on ``device``: cast once, not at every step."""
+        def conv(v: Tensor) -> Tensor:
+            return v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
+
+        new = object.__new__(Plan)
+        for name, value in (("t", conv(self.t)), ("steps", self.steps), ("tables", {k: conv(v) for k, v in self.tables.items()}),
+                            ("nfe_per_step", self.nfe_per_step), ("draws_per_step", self.draws_per_step)):
+            object.__setattr__(new, name, value)
+        return new
+
+
+def is_v2(sampler: Any) -> bool:
+    return all(callable(getattr(sampler, n, None)) for n in ("plan", "init_state", "step"))
+
+
+def as_v2(sampler: Any) -> Sampler:
+    """The sampler itself (plugin API 2), or a version-1 sampler behind ``V1Adapter``."""
+    if is_v2(sampler):
+        return sampler
+    if all(callable(getattr(sampler, n, None)) for n in ("timesteps", "step")):
+        return V1Adapter(sampler)
+    raise ToolkitError(f"{getattr(sampler, 'name', type(sampler).__name__)!r} is not a sampler: it has neither "
+                       "plan/init_state/step (plugin API 2) nor timesteps/step (plugin API 1)")
+
+
+def sampler_plan(sampler: Any, schedule: Schedule, steps: int) -> Plan:
+    return as_v2(sampler).plan(schedule, steps)
+
+
+def run_plan(sampler: Sampler, model_fn: ModelFn, plan: Plan, x_T: Tensor, *, noise_fn: NoiseFn | None = None,
+             progress: Callable[[int], None] | None = None) -> Tensor:
+    """The one sampling loop: state from ``init_state``, then ``step`` for i = 0..len(plan)-1.
+
+    ``noise_fn(i)`` returns iteration i's draws [draws_per_step, B, ...]; it is called only when the
+    plan draws noise, once per iteration, in order (the exported graph consumes the same slots).
+    """
+    plan = plan.cast(x_T.dtype, x_T.device)
+    D = plan.draws_per_step
+    if D and noise_fn is None:
+        raise ToolkitError(f"sampler {getattr(sampler, 'name', '?')!r} draws noise: give a noise_fn")
+    x = x_T
+    state = tuple(sampler.init_state(x_T, plan))
+    for i in range(len(plan)):
+        noise = None
+        if D:
+            noise = noise_fn(i)
+            if tuple(noise.shape) != (D, *x.shape):
+                raise ToolkitError(f"noise_fn({i}) returned shape {tuple(noise.shape)}, expected {(D, *x.shape)}")
+        x, state = sampler.step(model_fn, x, state, torch.tensor(i), plan, noise)
+        state = tuple(state)
+        if progress is not None:
+            progress(1)
+    return x
+
+
+def stream_noise_fn(draw: Callable[[], Tensor], draws_per_step: int) -> NoiseFn:
+    """noise_fn over a per-sample stream: iteration i takes the next ``draws_per_step`` draws."""
+    return lambda i: torch.stack([draw() for _ in range(draws_per_step)])
+
+
+# ---------------------------------------------------------------- plugin API 1
+
+
 def sample_loop(
-    sampler: Sampler,
+    sampler: SamplerV1,
     model_fn: ModelFn,
     schedule: Schedule,
     x_T: Tensor,
     *,
     steps: int,
-    noise_fn: NoiseFn,
+    noise_fn: Callable[[int], Tensor],
     progress: Callable[[int], None] | None = None,
 ) -> Tensor:
-    """x_T → x_0: at each τ_i call the model, then the sampler's pure ``step`` (no noise after the last)."""
+    """The standard loop of plugin API 1 (kept for version-1 plugins): at each τ_i call the model, then
+    the sampler's ``step`` (no noise after the last step)."""
     ts = sampler.timesteps(schedule, steps).tolist()
     x = x_T
     B = x.shape[0]
@@ -68,35 +255,155 @@ def sample_loop(
         tt = torch.full((B,), t, dtype=torch.long, device=x.device)
         tp = torch.full((B,), t_prev, dtype=torch.long, device=x.device)
         out = model_fn(x, tt)
-        noise = noise_fn(i) if sampler.stochastic and t_prev >= 0 else None
+        noise = noise_fn(i) if getattr(sampler, "stochastic", False) and t_prev >= 0 else None
         x = sampler.step(out, x, tt, tp, schedule, noise)
         if progress is not None:
             progress(1)
     return x
 
 
+class V1Adapter:
+    """A version-1 sampler (``timesteps`` + ``step(out, x_t, t, t_prev, schedule, noise)``) as a v2 one:
+    one model call per step at integer t, the noise of step i in slot i (none after the last step)."""
+
+    def __init__(self, sampler: SamplerV1):
+        self.base = sampler
+        self.name = sampler.name
+        self.schedule: Schedule | None = None
+
+    def plan(self, schedule: Schedule, steps: int) -> Plan:
+        ts = self.base.timesteps(schedule, steps).to(torch.long)
+        self.schedule = schedule
+        prev = torch.cat([ts[1:], torch.tensor([-1])])
+        return Plan(t=ts.double(), steps=int(steps), tables={"t": ts, "t_prev": prev},
+                    draws_per_step=1 if getattr(self.base, "stochastic", False) else 0)
+
+    def init_state(self, x_T: Tensor, plan: Plan) -> tuple[Tensor, ...]:
+        return ()
+
+    def step(self, model_fn: ModelFn, x: Tensor, state: tuple, i: Tensor, plan: Plan, noise: Tensor | None):
+        B = x.shape[0]
+        t, t_prev = plan["t"][i].expand(B), plan["t_prev"][i].expand(B)
+        out = model_fn(x, t)
+        z = None
+        if noise is not None:
+            z = noise[0] * (plan["t_prev"][i] >= 0).to(noise.dtype)
+        return self.base.step(out, x, t, t_prev, self.schedule, z), ()
+
+
+def check_standard_loop(sampler: SamplerV1, schedule: Schedule, steps: int, shape: tuple[int, ...]) -> None:
+    """Refuse a version-1 sampler whose own ``sample`` is not the standard loop (the exporter could not see it)."""
+    if not callable(getattr(sampler, "sample", None)):
+        return
+    name = getattr(sampler, "name", type(sampler).__name__)
+
+    def model(x: Tensor, t: Tensor) -> Tensor:
+        return torch.tanh(0.5 * x + t.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1))) / schedule.num_timesteps)
+
+    def streams():
+        gens = [torch.Generator().manual_seed(7919 + k) for k in range(2)]
+        return lambda: torch.stack([torch.randn(shape, generator=g) for g in gens])
+
+    draw = streams()
+    x_T = draw()
+    try:
+        theirs = sampler.sample(model, schedule, x_T, steps=steps, noise_fn=lambda i: draw())
+    except Exception as exc:  # noqa: BLE001
+        raise ToolkitError(f"sampler {name!r} (plugin API 1) cannot be exported: its sample() failed on a probe "
+                           f"({exc})") from exc
+    draw = streams()
+    x_T = draw()
+    adapter = V1Adapter(sampler)
+    plan = adapter.plan(schedule, steps)
+    ours = run_plan(adapter, model, plan, x_T, noise_fn=stream_noise_fn(draw, plan.draws_per_step))
+    if theirs.shape != ours.shape or not torch.allclose(theirs, ours, atol=1e-5, rtol=1e-5):
+        raise ToolkitError(f"sampler {name!r} (plugin API 1) has its own sample() loop, which the exporter cannot "
+                           "reproduce (its graph would run a different sampler); port it to plugin API 2 "
+                           "(plan, init_state, step) to export it")
+
+
+# ---------------------------------------------------------------- classifier guidance on the mean
+
+
 class MeanShifted:
     """A sampler whose step adds Σ·g to the mean: x_{t-1} ~ N(μ + Σ·s∇log p(y|x_t), Σ) (Dhariwal & Nichol, Algorithm 1).
 
-    ``gradient_fn(x_t, t) -> s∇log p(y|x_t)``; Σ comes from the wrapped sampler's ``log_variance``.
-    The wrapped sampler does not know it is guided.
+    ``gradient_fn(x_t, t) -> s∇log p(y|x_t)``; Σ comes from the wrapped sampler's
+    ``log_variance(out, x, i, plan)``. The wrapped sampler does not know it is guided.
     """
 
     def __init__(self, base: Sampler, gradient_fn: Callable[[Tensor, Tensor], Tensor]):
         self.base = base
         self.gradient_fn = gradient_fn
         self.name = base.name
-        self.stochastic = base.stochastic
 
-    def timesteps(self, schedule: Schedule, steps: int) -> Tensor:
-        return self.base.timesteps(schedule, steps)
+    def plan(self, schedule: Schedule, steps: int) -> Plan:
+        return self.base.plan(schedule, steps)
 
-    def step(self, out: Tensor, x_t: Tensor, t: Tensor, t_prev: Tensor, schedule: Schedule,
-             noise: Tensor | None) -> Tensor:
-        x_prev = self.base.step(out, x_t, t, t_prev, schedule, noise)
-        variance = torch.exp(self.base.log_variance(out, x_t, t, t_prev, schedule))
-        return x_prev + variance * self.gradient_fn(x_t, t)
+    def init_state(self, x_T: Tensor, plan: Plan) -> tuple[Tensor, ...]:
+        return tuple(self.base.init_state(x_T, plan))
 
-    def sample(self, model_fn: ModelFn, schedule: Schedule, x_T: Tensor, *, steps: int, noise_fn: NoiseFn,
-               progress: Callable[[int], None] | None = None) -> Tensor:
-        return sample_loop(self, model_fn, schedule, x_T, steps=steps, noise_fn=noise_fn, progress=progress)
+    def step(self, model_fn: ModelFn, x: Tensor, state: tuple, i: Tensor, plan: Plan, noise: Tensor | None):
+        seen: list[Tensor] = []
+
+        def fn(x_t: Tensor, t: Tensor) -> Tensor:
+            out = model_fn(x_t, t)
+            seen.append(out)
+            return out
+
+        x_prev, state = self.base.step(fn, x, state, i, plan, noise)
+        variance = torch.exp(self.base.log_variance(seen[0], x, i, plan))
+        return x_prev + variance * self.gradient_fn(x, plan.t[i].expand(x.shape[0])), state
+
+
+# ---------------------------------------------------------------- helpers for writing samplers
+
+
+@define(frozen=True)
+class Grid:
+    """A run's times with their log-SNR λ, α = √ᾱ and σ = √(1-ᾱ), each [S + 1] float64: the S times a
+    sampler visits, then the clean end (t = -1: λ = +inf, α = 1, σ = 0)."""
+
+    t: np.ndarray
+    lam: np.ndarray
+    alpha: np.ndarray
+    sigma: np.ndarray
+
+    @property
+    def steps(self) -> int:
+        return len(self.t) - 1
+
+
+def grid(schedule: Schedule, steps: int, spacing: str) -> Grid:
+    """The ``time_grid`` of ``spacing`` with the end appended, and each time's λ, α, σ (float64).
+
+    At integer t, α² and σ² are the schedule's ᾱ_t and 1 - ᾱ_t exactly (not interpolated).
+    """
+    t = np.append(time_grid(schedule, steps, spacing), -1.0)
+    a = schedule.alphas_cumprod.detach().cpu().double().numpy()
+    lam = log_snr_at(schedule, t)
+    alpha, sigma = alpha_sigma(lam)
+    whole = (t >= 0) & (t == np.round(t))
+    idx = t[whole].astype(np.int64)
+    alpha[whole], sigma[whole] = np.sqrt(a[idx]), np.sqrt(1 - a[idx])
+    return Grid(t=t, lam=lam, alpha=alpha, sigma=sigma)
+
+
+def split_output(out: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """ε and, for a learned-variance model (2C channels), the raw variance output v."""
+    C = x.shape[1]
+    if out.shape[1] == C:
+        return out, None
+    if out.shape[1] == 2 * C:
+        return out[:, :C], out[:, C:]
+    raise ToolkitError(f"model output has {out.shape[1]} channels; expected {C} or {2 * C}")
+
+
+def x0_and_eps(x: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, clip: bool) -> tuple[Tensor, Tensor]:
+    """x̂_0 = (x - σ ε)/α (Ho et al. eq. 4 inverted); with ``clip``, x̂_0 clipped to [-1, 1] and ε re-derived
+    from it (guided-diffusion), so every solver sees a consistent pair."""
+    x0 = (x - sigma * eps) / alpha
+    if clip:
+        x0 = x0.clamp(-1, 1)
+        eps = (x - alpha * x0) / sigma
+    return x0, eps

@@ -66,7 +66,8 @@ def main() -> int:
     rng = np.random.default_rng(args.seed)
     feed = {"x_T": rng.standard_normal((args.n, *shape), dtype=np.float32)}
     if "noise" in names:
-        feed["noise"] = rng.standard_normal((steps, args.n, *shape), dtype=np.float32)
+        slots = int(meta.get("noise_slots") or steps)  # iterations × draws per step
+        feed["noise"] = rng.standard_normal((slots, args.n, *shape), dtype=np.float32)
     if "labels" in names:  # the null label (num_classes) means "any digit"
         feed["labels"] = np.full(args.n, num_classes if args.label is None else args.label, np.int64)
     if "scale" in names:
