@@ -58,7 +58,7 @@ class DPMSolverPP2M:
 
     def plan(self, schedule: Schedule, steps: int) -> Plan:
         g = grid(schedule, _check_order(self, schedule, steps), self.spacing)
-        S, al, si, lam = g.steps, g.alpha, g.sigma, g.lam
+        S, al, si, lam = g.steps, g.alpha, g.sigma, g.lam  # only ratios of h enter: log-SNR or log(α/σ) alike
         w0, w1 = np.ones(S), np.zeros(S)
         for k in range(1, S):
             if g.t[k + 1] >= 0 and self.order == 2:
@@ -109,7 +109,7 @@ class UniPC:
 
     def plan(self, schedule: Schedule, steps: int) -> Plan:
         g = grid(schedule, _check_order(self, schedule, steps), self.spacing)
-        S, al, si, lam = g.steps, g.alpha, g.sigma, g.lam
+        S, al, si, lam = g.steps, g.alpha, g.sigma, g.lam / 2  # UniPC's λ = log(α/σ), half the log-SNR
         z = lambda: np.zeros(S)  # noqa: E731
         cc_self, cc_xl, cc_ml, cc_mp, cc_m = z(), z(), z(), z(), z()
         pp_x, pp_m, pp_ml = z(), z(), z()
