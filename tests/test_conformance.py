@@ -4,6 +4,8 @@ import pytest
 import torch
 
 import toolkit
+from toolkit.diffusion import alpha_bar
+from toolkit.sampling import sample_loop, spaced_timesteps
 from toolkit.testing import check_guidance, check_sampler, check_schedule
 
 
@@ -30,29 +32,67 @@ def test_kit_catches_broken_plugins():
     with pytest.raises(AssertionError, match="float64"):
         check_schedule(bad)
 
+    ddim = toolkit.create("sampler", "ddim")
+
     class NoisyStep:
         """Draws its own noise inside step: not deterministic."""
 
-        name, stochastic = "noisy", True
-        base = toolkit.create("sampler", "ddpm")
+        name = "noisy"
 
-        def timesteps(self, schedule, steps):
-            return self.base.timesteps(schedule, steps)
+        def plan(self, schedule, steps):
+            return ddim.plan(schedule, steps)
 
-        def step(self, out, x_t, t, t_prev, schedule, noise):
-            return self.base.step(out, x_t, t, t_prev, schedule, torch.randn_like(x_t))
+        def init_state(self, x_T, plan):
+            return ()
 
-        def sample(self, model_fn, schedule, x_T, *, steps, noise_fn, progress=None):
-            from toolkit.sampling import sample_loop
-
-            return sample_loop(self, model_fn, schedule, x_T, steps=steps, noise_fn=noise_fn)
+        def step(self, model_fn, x, state, i, plan, noise):
+            out, _ = ddim.step(model_fn, x, state, i, plan, None)
+            return out + 0.01 * torch.randn_like(x), ()
 
     with pytest.raises(AssertionError, match="same noise"):
         check_sampler(NoisyStep())
 
-    class Ascending(NoisyStep):
-        def timesteps(self, schedule, steps):
-            return self.base.timesteps(schedule, steps).flip(0)
+    class Identity(NoisyStep):
+        """Calls the model but never moves x: must fail the Gaussian convergence check."""
 
-    with pytest.raises(AssertionError, match="descend"):
-        check_sampler(Ascending())
+        def step(self, model_fn, x, state, i, plan, noise):
+            model_fn(x, plan.t[i])
+            return x, ()
+
+    with pytest.raises(AssertionError, match="does not converge"):
+        check_sampler(Identity(), export=False)
+
+    class TwoCalls(NoisyStep):
+        """Calls the model twice a step but declares one call."""
+
+        def step(self, model_fn, x, state, i, plan, noise):
+            model_fn(x, plan.t[i])
+            return ddim.step(model_fn, x, state, i, plan, None)
+
+    with pytest.raises(AssertionError, match="network calls"):
+        check_sampler(TwoCalls())
+
+    class OwnLoop:
+        """Plugin API 1 with a sample() that is not the standard loop: runs in torch, cannot be exported."""
+
+        name, stochastic = "own-loop", False
+
+        def timesteps(self, schedule, steps):
+            return spaced_timesteps(schedule.num_timesteps, steps)
+
+        def step(self, out, x_t, t, t_prev, schedule, noise):
+            a, ap = alpha_bar(schedule, t, x_t), alpha_bar(schedule, t_prev, x_t)
+            x0 = (x_t - (1 - a).sqrt() * out[:, : x_t.shape[1]]) / a.sqrt()
+            return ap.sqrt() * x0 + (1 - ap).sqrt() * out[:, : x_t.shape[1]]
+
+        def sample(self, model_fn, schedule, x_T, *, steps, noise_fn, progress=None):
+            return sample_loop(self, model_fn, schedule, x_T, steps=steps, noise_fn=noise_fn) * 0.5
+
+    with pytest.raises(AssertionError, match="own sample"):
+        check_sampler(OwnLoop())
+
+    class StandardLoop(OwnLoop):
+        def sample(self, model_fn, schedule, x_T, *, steps, noise_fn, progress=None):
+            return sample_loop(self, model_fn, schedule, x_T, steps=steps, noise_fn=noise_fn)
+
+    check_sampler(StandardLoop())  # plugin API 1 through the adapter, exported too

@@ -12,7 +12,7 @@ import toolkit
 from helpers import one_line_error, run
 from toolkit.latent import encode_dataset, load_latent
 from toolkit.noise import NoiseStreams
-from toolkit.sampling import sample_loop
+from toolkit.sampling import run_plan, stream_noise_fn
 
 TINY = ["--model-option", "base_channels=8", "--model-option", "attention_heads=2", "-q"]
 PRETRAINED = Path(toolkit.__file__).resolve().parent / "plugins" / "pretrained"
@@ -72,8 +72,8 @@ def test_latent_model_samples_through_the_wrapper(tiny_ae, tiny_latent_model, tm
     assert toolkit.compose(model=tiny_latent_model, clip_x0=True).sampler.clip_x0 is True
     plain = toolkit.compose(model=pipe.predictor, schedule=pipe.schedule, steps=5, clip_x0=False)
     streams = NoiseStreams(0, range(6), (2, 4, 4))  # the latent run without the final clamp to [-1, 1]
-    z = sample_loop(plain.sampler, plain.model_fn(torch.tensor([1, 2] * 3)), plain.schedule, streams.draw(),
-                    steps=5, noise_fn=lambda i: streams.draw())
+    z = run_plan(plain.sampler, plain.model_fn(torch.tensor([1, 2] * 3)), plain.plan, streams.draw(),
+                 noise_fn=stream_noise_fn(streams.draw, plain.plan.draws_per_step))
     latent = load_latent(tiny_ae)
     with torch.no_grad():
         expected = latent.autoencoder.decode(z / latent.scale_factor).clamp(-1, 1)

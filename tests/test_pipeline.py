@@ -84,7 +84,7 @@ def test_schedule_differs_from_training_schedule(tiny_ckpt):
         frac = t_cos - lo
         hi = min(lo + 1, 999)
         lam = cos.log_snr[lo] * (1 - frac) + cos.log_snr[hi] * frac
-        assert lam.item() == pytest.approx(lin.log_snr[t_lin].item(), abs=1e-4)
+        assert lam.item() == pytest.approx(lin.log_snr[int(t_lin)].item(), abs=1e-4)
     assert not torch.allclose(asked, pipe.timesteps.double())
 
 

@@ -21,20 +21,25 @@ def sampler_factory():
 
 
 def builtin(kind):
+    import toolkit.registry
+
     reg = toolkit.registry.get_registry()
     return sorted(e.name for e in reg.entries[toolkit.registry.normalize_kind(kind)] if e.dist == "diffusion-toolkit")
 
 
+SAMPLERS = ["ddim", "ddpm", "dpmpp-2m", "euler-a", "heun", "unipc"]
+
+
 def test_builtins_listed():
     assert builtin("schedule") == ["cosine", "linear"]
-    assert builtin("samplers") == ["ddim", "ddpm"]
+    assert builtin("samplers") == SAMPLERS
     assert {"cosine", "linear"} <= set(toolkit.available("schedule"))
     assert {"unet", "mlp"} <= set(toolkit.available("model"))
     assert {"digits", "folder", "array", "moons", "swissroll", "gaussians8"} <= set(toolkit.available("dataset"))
 
 
 def test_unknown_name_lists_available():
-    with pytest.raises(PluginError, match=r"unknown sampler 'nope'; available: .*ddim, ddpm"):
+    with pytest.raises(PluginError, match=r"unknown sampler 'nope'; available: .*ddim, ddpm, dpmpp-2m"):
         toolkit.create("sampler", "nope")
     with pytest.raises(PluginError, match="unknown plugin kind"):
         toolkit.available("widgets")
@@ -58,7 +63,7 @@ def test_hook_that_raises_is_isolated(fresh_registry):
     fresh_registry.register_plugin(plugin(register_samplers=reg), "bad", dist="bad-dist")
     with pytest.warns(RuntimeWarning, match="bad"):
         names = toolkit.available("sampler")
-    assert names == ["ddim", "ddpm"]
+    assert names == SAMPLERS
     failures = fresh_registry.get_registry().failures
     assert [f.plugin for f in failures] == ["bad"] and "boom" in failures[0].error
 
@@ -87,11 +92,11 @@ def test_plugin_that_fails_to_import(fresh_registry, monkeypatch):
     with pytest.warns(RuntimeWarning, match="broken"):
         reg = fresh_registry.get_registry()
     assert reg.failures[0].dist == "broken-dist" and "missing_dependency" in reg.failures[0].error
-    assert toolkit.available("sampler") == ["ddim", "ddpm"]
+    assert toolkit.available("sampler") == SAMPLERS
 
 
 def test_disable_plugins(fresh_registry, monkeypatch):
-    monkeypatch.setenv("TOOLKIT_DISABLE_PLUGINS", "samplers")
+    monkeypatch.setenv("TOOLKIT_DISABLE_PLUGINS", "samplers,solvers")
     assert toolkit.available("sampler") == []
     assert toolkit.available("schedule") == ["cosine", "linear"]
 
@@ -102,7 +107,7 @@ def test_misspelled_hook_fails_loudly(fresh_registry):
 
     fresh_registry.register_plugin(plugin(register_sampler=register_sampler), "typo", dist="typo-dist")
     with pytest.warns(RuntimeWarning, match=r"'typo' \(typo-dist\) implements an unknown hook.*register_sampler"):
-        assert toolkit.available("sampler") == ["ddim", "ddpm"]
+        assert toolkit.available("sampler") == SAMPLERS
     assert fresh_registry.get_registry().failures[0].plugin == "typo"
 
 
@@ -121,7 +126,7 @@ def test_factory_not_following_protocol(fresh_registry):
         register("half", lambda: types.SimpleNamespace(name="half", stochastic=False))
 
     fresh_registry.register_plugin(plugin(register_samplers=reg), "half", dist="half-dist")
-    with pytest.raises(PluginError, match=r"Sampler protocol: missing sample, step, timesteps"):
+    with pytest.raises(PluginError, match=r"Sampler protocol: missing init_state, plan, step"):
         toolkit.create("sampler", "half")
 
 

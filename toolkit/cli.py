@@ -411,7 +411,7 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
 
             pipe = evolve(pipe, device=local_device(pipe.device, world))
         start, stop = shard(n, world)
-        with progress_bar(-(-(stop - start) // batch_size) * pipe.steps, f"sample (rank {world.rank})",
+        with progress_bar(-(-(stop - start) // batch_size) * pipe.iterations, f"sample (rank {world.rank})",
                           quiet or not world.main) as bar:
             path = sample_shard(pipe, out, n, seed, labels, world, scale=scale,
                                 progress=(lambda k: bar.update(k)) if bar is not None else None,
@@ -419,11 +419,12 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
         click.echo(f"rank {world.rank}: wrote {path} (samples {start}..{stop - 1} of {n})")
         return
     batches = -(-n // batch_size)
-    with progress_bar(batches * pipe.steps, "sample", quiet) as bar:
+    with progress_bar(batches * pipe.iterations, "sample", quiet) as bar:
         samples = pipe.sample(n, seed=seed, labels=labels,
                               progress=(lambda k: bar.update(k)) if bar is not None else None)
     save_samples(samples, out, nrow=nrow)
-    click.echo(f"wrote {out} ({n} samples, {pipe.sampler.name} {pipe.steps} steps, {pipe.schedule.name} schedule)")
+    click.echo(f"wrote {out} ({n} samples, {pipe.sampler.name} {pipe.steps} steps = {pipe.nfe} network calls, "
+               f"{pipe.schedule.name} schedule)")
 
 
 @cli.command("merge")
@@ -534,25 +535,27 @@ def _float_list(text: str | None, what: str) -> list[float] | None:
 
 @cli.command("evaluate")
 @click.option("--model", default=None, help="Checkpoint directory or pretrained name (default: digits).")
-@click.option("--metric", type=click.Choice(["nll", "fid"]), required=True,
-              help="nll: the variational bound in bits/dim; fid: a sample-quality sweep.")
+@click.option("--metric", type=click.Choice(["nll", "fid", "ode"]), required=True,
+              help="nll: the variational bound in bits/dim; fid: a sample-quality sweep; ode: each deterministic "
+                   "sampler's distance to a 1000-NFE solution of the probability-flow ODE from the same x_T.")
 @click.option("--dataset", default=None, help="Data to evaluate against (default: the model's training data).")
 @click.option("--data-option", "data_options", multiple=True, metavar="KEY=VALUE", help="Dataset option.")
 @click.option("--limit", type=int, default=None, help="nll: evaluate the first N data points only.")
 @click.option("--variance", default="auto", show_default=True,
               help="nll: Σ of the reverse steps: auto (learned if the model has it, else β̃), posterior, beta, learned.")
-@click.option("--sampler", "samplers", default="ddim", show_default=True, help="fid: sampler(s), comma list.")
+@click.option("--sampler", "samplers", default="ddim", show_default=True,
+              help="fid/ode: sampler(s), comma list, each with its own options: ddim,dpmpp-2m:order=1:spacing=karras")
 @click.option("--steps", default="10,20,50,100", show_default=True, help="fid: comma list of step counts.")
 @click.option("--eta", default=None, help="fid: comma list of DDIM η (one line each).")
 @click.option("--sampler-option", "sampler_options", multiple=True, metavar="KEY=VALUE",
-              help="fid: option for every sampler, e.g. variance=beta (repeatable).")
+              help="fid/ode: option for every sampler that takes it, e.g. clip_x0=false (repeatable).")
 @click.option("--guidance", default=None, help="fid: guidance plugin (cfg or classifier).")
 @click.option("--scale", type=float, default=None, help="fid: guidance scale.")
 @click.option("--classifier", default=None, help="fid: classifier checkpoint for --guidance classifier.")
 @click.option("--features", default=None,
               help="fid: feature network checkpoint (toolkit train-features), or 'raw' (default: shipped for digits).")
 @click.option("--unconditional", is_flag=True, help="fid: sample a class-conditional model from the null label.")
-@click.option("-n", "n", default=1000, show_default=True, type=int, help="fid: samples per row.")
+@click.option("-n", "n", default=None, type=int, help="fid/ode: samples per row (default fid 1000, ode 100).")
 @click.option("--plot", default=None, type=click.Path(), help="fid: write a PNG of quality against steps.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--batch-size", default=500, show_default=True, type=int)
@@ -564,6 +567,8 @@ def evaluate_cmd(model, metric, dataset, data_options, limit, variance, samplers
                  guidance, scale, classifier, features, unconditional, n, plot, seed, batch_size, as_json, out,
                  device, quiet) -> None:
     """Evaluate a model: the bound in bits/dim (nll), or sample quality over samplers and steps (fid)."""
+    from attrs import asdict
+
     from toolkit import evaluate
     from toolkit.files import atomic_write
 
@@ -571,8 +576,8 @@ def evaluate_cmd(model, metric, dataset, data_options, limit, variance, samplers
         raise ToolkitError(f"--out must be a .json file in an existing folder, got {out!r}")
     if plot is not None and (Path(plot).suffix != ".png" or not Path(plot).parent.resolve().is_dir()):
         raise ToolkitError(f"--plot must be a .png file in an existing folder, got {plot!r}")
-    if plot is not None and metric != "fid":
-        raise ToolkitError("--plot applies to --metric fid")
+    if plot is not None and metric == "nll":
+        raise ToolkitError("--plot applies to --metric fid and ode")
     ds_options = parse_options(data_options, "--data-option")
     name = None
     if dataset is not None:
@@ -605,22 +610,46 @@ def evaluate_cmd(model, metric, dataset, data_options, limit, variance, samplers
                                      _float_list(eta, "--eta"), parse_options(sampler_options, "--sampler-option"))
         step_list = [int(v) for v in (_float_list(steps, "--steps") or [])]
         _, guidance_options = sampler_and_guidance_options((), None, None, None, guidance, scale, classifier)
-        with progress_bar(sum(step_list) * len(grid) * -(-n // batch_size), "sample", quiet) as bar:
-            report = evaluate.sample_quality(
-                model, grid, step_list, n=n, seed=seed, guidance=guidance, guidance_options=guidance_options,
-                features=features, dataset=name, dataset_options=ds_options, conditional=not unconditional,
-                batch_size=batch_size, device=device, progress=(lambda k: bar.update(k)) if bar is not None else None)
-        payload = {"metric": "fid", "model": model or "digits", "guidance": guidance, **guidance_options,
-                   **report.to_json()}
-        if plot is not None:
-            evaluate.plot_quality(report, plot)
-        table = [f"{report.dataset}: Fréchet distance in {report.features} features, n={report.n} "
-                 f"(real data scores {report.reference_fd:.3f})",
-                 f"{'sampler':<28} {'steps':>6} {'FD':>9} {'accuracy':>9} {'entropy':>8} {'samples/s':>10}"]
-        for r in report.rows:
-            acc = f"{r.accuracy:.3f}" if r.accuracy is not None else "-"
-            ent = f"{r.class_entropy:.3f}" if r.class_entropy is not None else "-"
-            table.append(f"{r.label:<28} {r.steps:>6} {r.fd:>9.3f} {acc:>9} {ent:>8} {r.samples_per_s:>10.1f}")
+        n = n if n is not None else (1000 if metric == "fid" else 100)
+        if batch_size < 1:
+            raise ToolkitError(f"--batch-size must be positive, got {batch_size}")
+        with progress_bar(1, "sample", quiet) as bar:
+            kw = dict(n=n, seed=seed, guidance=guidance, guidance_options=guidance_options,
+                      conditional=not unconditional, batch_size=batch_size, device=device,
+                      progress=(lambda k: bar.update(k)) if bar is not None else None,
+                      on_start=(lambda total: setattr(bar, "length", total)) if bar is not None else None)
+            if metric == "fid":
+                report = evaluate.sample_quality(model, grid, step_list, features=features, dataset=name,
+                                                 dataset_options=ds_options, **kw)
+                rows = report.rows
+            else:
+                rows = evaluate.ode_errors(model, grid, step_list, **kw)
+        if metric == "fid":
+            payload = {"metric": "fid", "model": model or "digits", "guidance": guidance, **guidance_options,
+                       **report.to_json()}
+            if plot is not None:
+                evaluate.plot_quality(report, plot)
+            table = [f"{report.dataset}: Fréchet distance in {report.features} features, n={report.n} "
+                     f"(real data scores {report.reference_fd:.3f})",
+                     f"{'sampler':<28} {'steps':>6} {'NFE':>5} {'FD':>9} {'accuracy':>9} {'entropy':>8} {'samples/s':>10}"]
+            for r in rows:
+                acc = f"{r.accuracy:.3f}" if r.accuracy is not None else "-"
+                ent = f"{r.class_entropy:.3f}" if r.class_entropy is not None else "-"
+                table.append(f"{r.label:<28} {r.steps:>6} {r.nfe:>5} {r.fd:>9.3f} {acc:>9} {ent:>8} "
+                             f"{r.samples_per_s:>10.1f}")
+        else:
+            payload = {"metric": "ode", "model": model or "digits", "guidance": guidance, **guidance_options,
+                       "n": n, "seed": seed, "reference_nfe": evaluate.REFERENCE_NFE,
+                       "rows": [{**asdict(r), "label": r.label} for r in rows]}
+            if plot is not None:
+                evaluate.plot_quality(evaluate.QualityReport(rows, float("nan"), "-", None, "-", n, seed), plot,
+                                      metric="ode_error")
+            table = [f"distance to a {evaluate.REFERENCE_NFE}-NFE solution of the probability-flow ODE from the same "
+                     f"x_T (RMS per sample, n={n})",
+                     f"{'sampler':<28} {'steps':>6} {'NFE':>5} {'ODE error':>10} {'samples/s':>10}"]
+            for r in rows:
+                err = f"{r.ode_error:.5f}" if r.ode_error is not None else "stochastic"
+                table.append(f"{r.label:<28} {r.steps:>6} {r.nfe:>5} {err:>10} {r.samples_per_s:>10.1f}")
         if plot is not None:
             table.append(f"wrote {plot}")
     click.echo(json.dumps(payload, indent=2) if as_json else "\n".join(table))

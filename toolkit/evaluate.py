@@ -236,11 +236,13 @@ class QualityRow:
     sampler: str
     options: dict[str, Any]
     steps: int
-    fd: float
+    fd: float | None  # None for --metric ode
     accuracy: float | None  # class-conditional samples classified as their label
     class_entropy: float | None  # unconditional samples: entropy of the mean class distribution (nats)
     samples_per_s: float
     n: int
+    nfe: int = 0  # network calls per sample
+    ode_error: float | None = None  # RMS distance to the 1000-NFE reference solution (deterministic samplers)
 
     @property
     def label(self) -> str:
@@ -265,20 +267,147 @@ class QualityReport:
         return out
 
 
+def parse_sampler_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """"dpmpp-2m:order=2:spacing=karras" → ("dpmpp-2m", {"order": 2, "spacing": "karras"})."""
+    import json
+
+    def parse_value(text: str) -> Any:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+
+    name, *parts = [p.strip() for p in spec.split(":")]
+    opts: dict[str, Any] = {}
+    for part in parts:
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise ToolkitError(f"sampler option {part!r} in {spec!r} must be KEY=VALUE (e.g. dpmpp-2m:order=2)")
+        opts[key.strip().replace("-", "_")] = parse_value(value.strip())
+    if not name:
+        raise ToolkitError(f"sampler name missing in {spec!r}")
+    return name, opts
+
+
 def sampler_grid(samplers: Sequence[str], etas: Sequence[float] | None,
                  options: dict[str, Any] | None = None) -> list[tuple[str, dict[str, Any]]]:
-    """(sampler, options) pairs: each η for samplers that take one, the shared options for all that accept them."""
-    from toolkit.registry import create
+    """(sampler, options) pairs: ``samplers`` are names with their own options ("ddim:spacing=trailing");
+    ``options`` go to every sampler that takes them; each η makes its own row for samplers that take one."""
+    from toolkit.registry import create, option_names
 
+    options = dict(options or {})
+    used: set[str] = set()
     grid = []
-    for name in samplers:
-        opts = dict(options or {})
+    for spec in samplers:
+        name, own = parse_sampler_spec(spec)
+        takes = option_names("sampler", name)
+        shared = {k: v for k, v in options.items() if takes is None or k in takes}
+        used |= set(shared)
+        opts = {**shared, **own}
         base = create("sampler", name, **opts)  # validates the name and the options now
-        if etas and hasattr(base, "eta"):
+        if etas and hasattr(base, "eta") and "eta" not in own:
             grid += [(name, {**opts, "eta": float(e)}) for e in etas]
         else:
             grid.append((name, opts))
+    unused = sorted(set(options) - used)
+    if unused:
+        raise ToolkitError(f"no sampler of {', '.join(samplers)} takes the option {unused[0]!r}")
     return grid
+
+
+def _sweep_pipelines(model, samplers, steps, guidance, guidance_options, device, batch_size) -> dict:
+    """One pipeline per (sampler, options, steps); the checkpoint loads once per sampler."""
+    from toolkit.pipeline import compose
+    from toolkit.sampling import sampler_plan
+
+    if not steps or not samplers:
+        raise ToolkitError("give at least one sampler and one number of steps")
+    pipes = {}
+    for name, opts in samplers:
+        pipe = compose(model=model, sampler=name, steps=int(steps[0]), guidance=guidance,
+                       guidance_options=guidance_options, device=device, batch_size=batch_size, **opts)
+        for s in steps:
+            sampler_plan(pipe.sampler, pipe.schedule, int(s))  # validates s before any sampling
+            pipes[(name, tuple(sorted(opts.items())), s)] = attrs.evolve(pipe, steps=int(s))
+    return pipes
+
+
+REFERENCE_NFE = 1000
+
+
+@torch.no_grad()
+def ode_reference(pipe, x_T: Tensor, labels: Tensor | None, t_start: float, clip: bool,
+                  nfe: int = REFERENCE_NFE) -> Tensor:
+    """The probability-flow ODE of ``pipe`` solved from x(t_start) = x_T to the data: DPM-Solver++(2M)
+    (Lu et al. 2022) with ``nfe`` steps even in λ, updates in float64 (written out here, independent of
+    the sampler plugins), x̂_0 clipped to [-1, 1] when ``clip``."""
+    from toolkit.sampling import alpha_sigma, log_snr_at, log_snr_table, time_of_log_snr
+
+    sched = pipe.schedule
+    lam = np.linspace(float(log_snr_at(sched, t_start)), log_snr_table(sched)[0], nfe)
+    t = time_of_log_snr(sched, lam)
+    t[0], t[-1] = t_start, 0.0
+    lam = np.append(lam, np.inf)
+    alpha, sigma = alpha_sigma(lam)
+    fn = pipe.model_fn(labels)
+    C = x_T.shape[1]
+    x, prev = x_T.double(), None
+    for k in range(nfe):
+        eps = fn(x.float(), torch.tensor(t[k], dtype=torch.float32, device=x.device))[:, :C].double()
+        x0 = (x - sigma[k] * eps) / alpha[k]
+        if clip:
+            x0 = x0.clamp(-1, 1)
+        d = x0
+        if prev is not None and k < nfe - 1:
+            r = (lam[k] - lam[k - 1]) / (lam[k + 1] - lam[k])
+            d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * prev
+        x = sigma[k + 1] / sigma[k] * x + (alpha[k + 1] - sigma[k + 1] * alpha[k] / sigma[k]) * d
+        prev = x0
+    return x.float()
+
+
+def ode_errors(model: str | os.PathLike | None, samplers: Sequence[tuple[str, dict[str, Any]]],
+               steps: Sequence[int], *, n: int = 100, seed: int = 0, guidance: str | None = None,
+               guidance_options: dict[str, Any] | None = None, conditional: bool = True, batch_size: int = 500,
+               device: str | torch.device = "cpu", reference_nfe: int = REFERENCE_NFE,
+               progress: Callable[[int], None] | None = None,
+               on_start: Callable[[int], None] | None = None) -> list[QualityRow]:
+    """How far each deterministic sampler lands from the exact ODE solution from the same x_T: the RMS
+    distance per sample (mean over n) to ``ode_reference`` started at the sampler's first time with the
+    sampler's clipping. Far less noisy than FD for telling solvers apart; stochastic samplers get None."""
+    from toolkit.noise import NoiseStreams
+    from toolkit.sampling import as_v2, run_plan
+
+    if n < 1:
+        raise ToolkitError(f"-n must be positive, got {n}")
+    pipes = _sweep_pipelines(model, samplers, steps, guidance, guidance_options, device, batch_size)
+    if on_start is not None:
+        on_start(sum(p.iterations for p in pipes.values()))
+    first = next(iter(pipes.values()))
+    K = first.num_classes
+    labels = torch.arange(n) % K if K is not None and (conditional or guidance is not None) else None
+    if labels is None and K is not None:
+        labels = torch.full((n,), K)
+    x_T = NoiseStreams(seed, range(n), first.sample_shape, first.device).draw()
+    y = None if labels is None else labels.to(first.device)
+    references: dict[tuple[float, bool], Tensor] = {}
+    rows = []
+    for (name, opts, s), pipe in pipes.items():
+        sampler = as_v2(pipe.sampler)
+        plan = sampler.plan(pipe.schedule, pipe.steps)
+        clip = bool(getattr(pipe.sampler, "clip_x0", False))
+        err, rate = None, float("nan")
+        if plan.draws_per_step == 0 and not pipe.mean_shift:
+            t0 = time.perf_counter()
+            x = run_plan(sampler, pipe.model_fn(y), plan, x_T, progress=progress)
+            rate = n / (time.perf_counter() - t0)
+            key = (float(plan.t[0]), clip)
+            if key not in references:
+                references[key] = ode_reference(pipe, x_T, y, key[0], clip, reference_nfe)
+            d = (x - references[key]).reshape(n, -1)
+            err = float(d.pow(2).mean(1).sqrt().mean())
+        rows.append(QualityRow(name, dict(opts), int(s), None, None, None, rate, n, pipe.nfe, err))
+    return rows
 
 
 def sample_quality(model: str | os.PathLike | None, samplers: Sequence[tuple[str, dict[str, Any]]],
@@ -286,26 +415,19 @@ def sample_quality(model: str | os.PathLike | None, samplers: Sequence[tuple[str
                    guidance_options: dict[str, Any] | None = None, features: str | os.PathLike | None = None,
                    dataset: str | None = None, dataset_options: dict[str, Any] | None = None,
                    conditional: bool = True, batch_size: int = 500, device: str | torch.device = "cpu",
-                   progress: Callable[[int], None] | None = None) -> QualityReport:
+                   progress: Callable[[int], None] | None = None,
+                   on_start: Callable[[int], None] | None = None) -> QualityReport:
     """Sample n points per (sampler, steps) and score them against the data set in a feature space.
 
     A class-conditional model draws balanced labels (i mod K) and reports how many samples the
     feature network classifies as their label; with ``conditional=False`` it samples from the null
     label and reports the class entropy instead (log K when all classes appear equally).
     """
-    from toolkit.pipeline import compose
-
     if n < 2:
         raise ToolkitError(f"-n must be at least 2 for a Fréchet distance, got {n}")
-    if not steps or not samplers:
-        raise ToolkitError("give at least one sampler and one number of steps")
-    pipes = {}
-    for name, opts in samplers:  # the checkpoint loads once per sampler; step counts only change `steps`
-        pipe = compose(model=model, sampler=name, steps=int(steps[0]), guidance=guidance,
-                       guidance_options=guidance_options, device=device, batch_size=batch_size, **opts)
-        for s in steps:
-            pipe.sampler.timesteps(pipe.schedule, int(s))  # validates s against T before any sampling
-            pipes[(name, tuple(sorted(opts.items())), s)] = attrs.evolve(pipe, steps=int(s))
+    pipes = _sweep_pipelines(model, samplers, steps, guidance, guidance_options, device, batch_size)
+    if on_start is not None:
+        on_start(sum(p.iterations * -(-n // batch_size) for p in pipes.values()))
     first = next(iter(pipes.values()))
     data = data_for(first, dataset, dataset_options)
     space = feature_space(features, data.name, data.sample_shape)
@@ -330,7 +452,7 @@ def sample_quality(model: str | os.PathLike | None, samplers: Sequence[tuple[str
             acc = float((probs.argmax(1) == labels.numpy()).mean())
         elif probs is not None:
             ent = class_entropy(probs)
-        rows.append(QualityRow(name, dict(opts), int(s), frechet_distance(real, feats), acc, ent, rate, n))
+        rows.append(QualityRow(name, dict(opts), int(s), frechet_distance(real, feats), acc, ent, rate, n, pipe.nfe))
     g = torch.Generator().manual_seed(seed)
     idx = (torch.randperm(len(real), generator=g)[:n] if n <= len(real)
            else torch.randint(len(real), (n,), generator=g)).numpy()
@@ -339,7 +461,7 @@ def sample_quality(model: str | os.PathLike | None, samplers: Sequence[tuple[str
 
 
 def plot_quality(report: QualityReport, path: str | os.PathLike, metric: str = "fd") -> None:
-    """Quality against steps, one line per sampler and options (needs matplotlib: the `plot` extra)."""
+    """Quality against network calls, one line per sampler and options (needs matplotlib: the `plot` extra)."""
     try:
         import matplotlib
 
@@ -354,12 +476,16 @@ def plot_quality(report: QualityReport, path: str | os.PathLike, metric: str = "
         lines.setdefault(row.label, []).append(row)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for label, rows in lines.items():
-        rows = sorted(rows, key=lambda r: r.steps)
-        ax.plot([r.steps for r in rows], [getattr(r, metric) for r in rows], marker="o", label=label)
-    ax.axhline(report.reference_fd, color="grey", linestyle=":", label=f"real data (n={report.n})")
+        rows = sorted((r for r in rows if getattr(r, metric) is not None), key=lambda r: r.nfe or r.steps)
+        if rows:
+            ax.plot([r.nfe or r.steps for r in rows], [getattr(r, metric) for r in rows], marker="o", label=label)
+    if metric == "fd" and math.isfinite(report.reference_fd):
+        ax.axhline(report.reference_fd, color="grey", linestyle=":", label=f"real data (n={report.n})")
     ax.set_xscale("log")
-    ax.set_xlabel("sampling steps")
-    ax.set_ylabel("Fréchet distance" if metric == "fd" else metric)
+    if metric == "ode_error":
+        ax.set_yscale("log")
+    ax.set_xlabel("network calls per sample (NFE)")
+    ax.set_ylabel({"fd": "Fréchet distance", "ode_error": "distance to the ODE solution"}.get(metric, metric))
     ax.set_title(f"{report.dataset}: {metric} in {report.features} features, n={report.n}")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -239,6 +239,18 @@ def available(kind: str) -> list[str]:
     return get_registry().names(kind)
 
 
+def option_names(kind: str, name: str) -> list[str] | None:
+    """The keyword options a plugin's factory takes (None when it takes any, or has no signature)."""
+    entry = get_registry().lookup(normalize_kind(kind), name)
+    try:
+        params = inspect.signature(entry.factory).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
 def create(kind: str, name: str, **kwargs: Any) -> Any:
     """Build a plugin object by name; the result is checked against the kind's protocol."""
     from toolkit.protocols import PROTOCOLS
@@ -248,6 +260,11 @@ def create(kind: str, name: str, **kwargs: Any) -> Any:
     try:
         inspect.signature(entry.factory).bind(**kwargs)
     except TypeError as exc:
+        takes = option_names(kind, entry.name)
+        unknown = sorted(set(kwargs) - set(takes or ()))
+        if takes is not None and unknown:
+            raise PluginError(f"{kind} {entry.name!r} ({entry.dist}) takes no option {unknown[0]!r}; its options: "
+                              f"{', '.join(takes) or 'none'}") from exc
         raise PluginError(f"{kind} {entry.name!r} ({entry.dist}): bad options {sorted(kwargs)}: {exc}") from exc
     except ValueError:  # no signature (a builtin): let the call itself complain
         pass

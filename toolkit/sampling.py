@@ -147,6 +147,7 @@ class Plan:
     tables: dict[str, Tensor] = field(factory=dict, converter=lambda d: {k: _table(v) for k, v in d.items()})
     nfe_per_step: int = 1
     draws_per_step: int = 0
+    schedule: Any = field(default=None, eq=False, repr=False)  # the schedule it was made for (optional)
 
     def __attrs_post_init__(self) -> None:
         n = self.t.shape[0]
@@ -178,7 +179,8 @@ class Plan:
 
         new = object.__new__(Plan)
         for name, value in (("t", conv(self.t)), ("steps", self.steps), ("tables", {k: conv(v) for k, v in self.tables.items()}),
-                            ("nfe_per_step", self.nfe_per_step), ("draws_per_step", self.draws_per_step)):
+                            ("nfe_per_step", self.nfe_per_step), ("draws_per_step", self.draws_per_step),
+                            ("schedule", self.schedule)):
             object.__setattr__(new, name, value)
         return new
 
@@ -269,14 +271,12 @@ class V1Adapter:
     def __init__(self, sampler: SamplerV1):
         self.base = sampler
         self.name = sampler.name
-        self.schedule: Schedule | None = None
 
     def plan(self, schedule: Schedule, steps: int) -> Plan:
         ts = self.base.timesteps(schedule, steps).to(torch.long)
-        self.schedule = schedule
         prev = torch.cat([ts[1:], torch.tensor([-1])])
         return Plan(t=ts.double(), steps=int(steps), tables={"t": ts, "t_prev": prev},
-                    draws_per_step=1 if getattr(self.base, "stochastic", False) else 0)
+                    draws_per_step=1 if getattr(self.base, "stochastic", False) else 0, schedule=schedule)
 
     def init_state(self, x_T: Tensor, plan: Plan) -> tuple[Tensor, ...]:
         return ()
@@ -288,7 +288,7 @@ class V1Adapter:
         z = None
         if noise is not None:
             z = noise[0] * (plan["t_prev"][i] >= 0).to(noise.dtype)
-        return self.base.step(out, x, t, t_prev, self.schedule, z), ()
+        return self.base.step(out, x, t, t_prev, plan.schedule, z), ()
 
 
 def check_standard_loop(sampler: SamplerV1, schedule: Schedule, steps: int, shape: tuple[int, ...]) -> None:

@@ -45,6 +45,7 @@ def check_schedule(schedule: Schedule) -> None:
 
 
 def _toy_model(x: Tensor, t: Tensor) -> Tensor:
+    t = t.expand(x.shape[0]) if t.ndim == 0 else t
     scale = (t.to(x.dtype) / 1000).reshape(-1, *([1] * (x.ndim - 1)))
     return torch.tanh(0.5 * x + scale)
 
@@ -55,69 +56,250 @@ def _schedule(num_timesteps: int = 100) -> Schedule:
     return create("schedule", "linear", num_timesteps=num_timesteps)
 
 
+def valid_steps(sampler: Sampler, schedule: Schedule, wanted: tuple[int, ...] = (1, 2, 3, 5, 10, 20, 40)) -> list[int]:
+    """The step counts among ``wanted`` (and T) that the sampler accepts on ``schedule``, whatever its spacing
+    or multistep order; a count it refuses must raise ToolkitError."""
+    from toolkit.sampling import sampler_plan
+
+    T = schedule.num_timesteps
+    ok = []
+    for steps in sorted({min(s, T) for s in wanted} | {T}):
+        try:
+            sampler_plan(sampler, schedule, steps)
+        except ToolkitError:
+            continue
+        ok.append(steps)
+    return ok
+
+
+class _Counted:
+    """A model function that counts its calls and checks the times it is called at."""
+
+    def __init__(self, fn, T: int, channels: int | None = None):
+        self.fn, self.T, self.calls, self.channels = fn, T, 0, channels
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        self.calls += 1
+        tt = t.double()
+        assert bool(((tt >= 0) & (tt <= self.T - 1)).all()), f"model called at t={tt.tolist()}, outside 0..{self.T - 1}"
+        out = self.fn(x, t)
+        if self.channels:  # a learned-variance model: 2C channels, the second half the raw v in [-1, 1]
+            out = torch.cat([out, torch.tanh(x[:, : self.channels])], dim=1)
+        return out
+
+
+def _run(sampler, schedule, steps: int, x_T: Tensor, gens: list, model=_toy_model, channels: int | None = None):
+    """The toolkit's loop on ``sampler``, counting network calls and noise draws."""
+    from toolkit.sampling import as_v2, run_plan
+
+    v2 = as_v2(sampler)
+    plan = v2.plan(schedule, steps)
+    counted = _Counted(model, schedule.num_timesteps, channels)
+    draws = []
+
+    def noise_fn(i: int) -> Tensor:
+        draws.append(i)
+        return torch.stack([torch.stack([torch.randn(x_T.shape[1:], generator=g) for g in gens])
+                            for _ in range(plan.draws_per_step)])
+
+    x = run_plan(v2, counted, plan, x_T, noise_fn=noise_fn)
+    return x, plan, counted.calls, draws
+
+
 def check_sampler(sampler: Sampler, schedule: Schedule | None = None, shape: tuple[int, ...] = (1, 4, 4),
-                  traceable: bool = True) -> None:
-    """Timesteps valid and descending, steps validated, shapes and dtypes kept, no NaN, seeded
-    determinism, batch-size invariance, and (``traceable``) a step that torch.export can capture."""
+                  traceable: bool = True, export: bool = True) -> None:
+    """A sampler conforms when: its plan is valid for every step count it accepts (and it refuses 0 and
+    T+1); the network calls and noise draws of a run equal what its plan declares; shapes, dtypes and
+    seeded determinism hold, sample i does not depend on the batch; a learned-variance (2C-channel)
+    model works; a version-1 ``sample`` equals the toolkit's loop; it converges on Gaussian data where ε
+    is exact (an identity step fails); and (``export``) its exported ONNX graph, with a dynamic batch,
+    equals the torch loop within 1e-4."""
+    from toolkit.protocols import SamplerV1
+    from toolkit.sampling import as_v2, check_standard_loop, is_v2
+
     name = getattr(sampler, "name", type(sampler).__name__)
-    _require(sampler, Sampler, f"sampler {name!r}")
+    if not is_v2(sampler):
+        _require(sampler, SamplerV1, f"sampler {name!r} (plugin API 1)")
     schedule = schedule or _schedule()
     T = schedule.num_timesteps
-    for steps in sorted({1, min(5, T), T}):
-        ts = sampler.timesteps(schedule, steps)
-        assert ts.dtype == torch.long and ts.shape == (steps,), f"sampler {name!r}: timesteps({steps}) must be long [{steps}]"
-        assert bool((ts[1:] < ts[:-1]).all()), f"sampler {name!r}: timesteps must strictly descend"
-        assert 0 <= int(ts.min()) and int(ts.max()) < T, f"sampler {name!r}: timesteps must lie in 0..{T - 1}"
     for bad in (0, T + 1):
         try:
-            sampler.timesteps(schedule, bad)
+            as_v2(sampler).plan(schedule, bad)
         except ToolkitError:
             pass
         else:
-            raise AssertionError(f"sampler {name!r}: timesteps(steps={bad}) must raise ToolkitError")
+            raise AssertionError(f"sampler {name!r}: plan(steps={bad}) must raise ToolkitError")
+    steps_ok = valid_steps(sampler, schedule)
+    assert steps_ok, f"sampler {name!r}: accepts no number of steps on a {T}-step schedule"
+    for steps in steps_ok:
+        plan = as_v2(sampler).plan(schedule, steps)
+        t = plan.t
+        assert t.ndim == 1 and len(plan) >= 1, f"sampler {name!r}: plan({steps}).t must be a non-empty 1-D tensor"
+        assert bool(((t >= 0) & (t <= T - 1)).all()), f"sampler {name!r}: plan({steps}) times must lie in 0..{T - 1}"
+        assert plan.nfe_per_step >= 1 and plan.draws_per_step >= 0, f"sampler {name!r}: bad plan counts"
 
-    def run(batch: int, seed: int = 0) -> Tensor:
-        gens = [torch.Generator().manual_seed(seed * 1000 + i) for i in range(batch)]
+    steps = max(s for s in steps_ok if s <= 10) if any(s <= 10 for s in steps_ok) else steps_ok[0]
 
-        def draw() -> Tensor:
-            return torch.stack([torch.randn(shape, generator=g) for g in gens])
+    def streams(batch: int, seed: int = 0) -> list:
+        return [torch.Generator().manual_seed(seed * 1000 + i) for i in range(batch)]
 
-        x_T = draw()
-        return sampler.sample(_toy_model, schedule, x_T, steps=min(10, T), noise_fn=lambda i: draw())
+    def run(batch: int, seed: int = 0, channels: int | None = None):
+        gens = streams(batch, seed)
+        x_T = torch.stack([torch.randn(shape, generator=g) for g in gens])
+        return _run(sampler, schedule, steps, x_T, gens, channels=channels)
 
-    a, b = run(4), run(4)
+    a, plan, calls, draws = run(4)
+    assert calls == plan.nfe, f"sampler {name!r}: {calls} network calls, but its plan declares {plan.nfe}"
+    want_draws = list(range(len(plan))) if plan.draws_per_step else []
+    assert draws == want_draws, f"sampler {name!r}: noise drawn at iterations {draws}, plan declares {want_draws}"
     assert a.shape == (4, *shape) and a.dtype == torch.float32, f"sampler {name!r}: sample changed shape or dtype"
     assert torch.isfinite(a).all(), f"sampler {name!r}: sample produced NaN or inf"
-    assert torch.equal(a, b), f"sampler {name!r}: the same noise must give the same samples"
-    assert torch.allclose(run(2), a[:2], atol=1e-5), f"sampler {name!r}: sample i depends on the batch size"
+    assert torch.equal(a, run(4)[0]), f"sampler {name!r}: the same noise must give the same samples"
+    assert torch.allclose(run(2)[0], a[:2], atol=1e-5), f"sampler {name!r}: sample i depends on the batch size"
+    lv = run(4, channels=shape[0])[0]
+    assert lv.shape == a.shape and torch.isfinite(lv).all(), \
+        f"sampler {name!r}: fails on a learned-variance model (2C output channels)"
+    if not is_v2(sampler):
+        try:
+            check_standard_loop(sampler, schedule, steps, shape)
+        except ToolkitError as exc:
+            raise AssertionError(f"sampler {name!r}: {exc}") from exc
+    check_convergence(sampler, shape=shape)
+    if export:
+        check_exported(sampler, schedule, steps, shape)
+    elif traceable:
+        check_traceable_step(sampler, schedule, steps, shape)
 
-    x = torch.randn(3, *shape)
-    t = sampler.timesteps(schedule, min(5, T))
-    tt = torch.full((3,), int(t[0]))
-    tp = torch.full((3,), int(t[1]) if len(t) > 1 else -1)
-    noise = torch.randn(3, *shape)
-    out = sampler.step(_toy_model(x, tt), x, tt, tp, schedule, noise)
-    assert out.shape == x.shape and out.dtype == x.dtype, f"sampler {name!r}: step changed shape or dtype"
-    if traceable:
-        check_traceable_step(sampler, schedule, x, tt, tp, noise)
+
+def gaussian_eps(mu: float, s: float, schedule: Schedule):
+    """The exact ε(x_t, t) = σ_t (x_t − α_t μ)/(α_t² s² + σ_t²) for data N(μ, s²) (per element)."""
+    from toolkit.diffusion import alpha_bar
+
+    def fn(x: Tensor, t: Tensor) -> Tensor:
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        a = alpha_bar(schedule, t.double() if t.is_floating_point() else t, x, torch.float64)
+        alpha, sigma = a.sqrt(), (1 - a).sqrt()
+        return (sigma * (x.double() - alpha * mu) / (a * s * s + 1 - a)).to(x.dtype)
+
+    return fn
 
 
-def check_traceable_step(sampler: Sampler, schedule: Schedule, x: Tensor, t: Tensor, t_prev: Tensor,
-                         noise: Tensor) -> None:
-    """``step`` captured by torch.export (what the ONNX exporter traces) gives the eager result."""
+def check_convergence(sampler: Sampler, shape: tuple[int, ...] = (1, 4, 4), mu: float = 0.3, s: float = 0.2) -> None:
+    """On data N(μ, s²) with the exact ε: a deterministic sampler's distance to the exact probability-flow
+    solution (the standardized value (x − αμ)/√(α²s² + σ²) is constant along it) must fall as steps grow,
+    and end small; a stochastic one's samples must have mean μ and std s."""
+    from toolkit.diffusion import alpha_bar
+    from toolkit.sampling import as_v2
+
     name = getattr(sampler, "name", type(sampler).__name__)
+    schedule = _schedule(1000)
+    model = gaussian_eps(mu, s, schedule)
+    ok = valid_steps(sampler, schedule, (5, 10, 20, 40, 80))
+    assert len(ok) >= 2, f"sampler {name!r}: accepts too few step counts on a 1000-step schedule to test convergence"
+    B = 256
+    gens = [torch.Generator().manual_seed(90_000 + i) for i in range(B)]
+    x_T = torch.stack([torch.randn(shape, generator=g) for g in gens])
+    plan = as_v2(sampler).plan(schedule, ok[-1])
+    if plan.draws_per_step == 0:
+        errors = []
+        for steps in (ok[0], ok[-1]):
+            x, plan, _, _ = _run(sampler, schedule, steps, x_T, gens, model)
+            t0 = plan.t[0].reshape(1)
+            a = alpha_bar(schedule, t0 if t0.is_floating_point() else t0.long(), x_T, torch.float64)
+            exact = mu + s * (x_T.double() - a.sqrt() * mu) / (a * s * s + 1 - a).sqrt()
+            errors.append(float((x.double() - exact).abs().mean()))
+        assert errors[1] < 0.5 * errors[0] and errors[1] < 0.05 * s, (
+            f"sampler {name!r}: does not converge to the probability-flow solution on Gaussian data "
+            f"(mean error {errors[0]:.3g} at {ok[0]} steps, {errors[1]:.3g} at {ok[-1]})")
+    else:
+        x, _, _, _ = _run(sampler, schedule, ok[-1], x_T, gens, model)
+        m, sd = float(x.mean()), float(x.std())
+        assert abs(m - mu) < 0.05 and abs(sd - s) < 0.25 * s, (
+            f"sampler {name!r}: on data N({mu}, {s}²) with the exact ε its samples have mean {m:.3f} and std {sd:.3f}")
+
+
+class _ToyNet(torch.nn.Module):
+    """A tiny exportable predictor (conv + time scale) for the export check."""
+
+    prediction = "epsilon"
+    learned_variance = False
+    num_classes = None
+
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__()
+        self.sample_shape = tuple(shape)
+        C = shape[0]
+        self.conv = torch.nn.Conv2d(C, C, 3, padding=1) if len(shape) == 3 else torch.nn.Linear(C, C)
+        with torch.no_grad():
+            for p in self.conv.parameters():
+                p.copy_(torch.linspace(-0.3, 0.3, p.numel()).reshape(p.shape))
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        return torch.tanh(self.conv(x) + t.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1))) / 1000)
+
+
+def check_exported(sampler: Sampler, schedule: Schedule | None = None, steps: int = 5,
+                   shape: tuple[int, ...] = (1, 4, 4)) -> None:
+    """The sampler's whole run exported to ONNX (dynamic batch, Loop layout) equals the torch loop within
+    1e-4 at two batch sizes, with the same x_T and noise; the export is refused only with a ToolkitError."""
+    import os
+    import tempfile
+
+    import numpy as np
+
+    from toolkit.exporters.onnx import export_sampler
+    from toolkit.exporters.runtime import SamplerSession
+    from toolkit.pipeline import Pipeline
+    from toolkit.sampling import as_v2, run_plan
+
+    name = getattr(sampler, "name", type(sampler).__name__)
+    schedule = schedule or _schedule()
+    net = _ToyNet(shape).eval()
+    pipe = Pipeline(schedule=schedule, predictor=net, sampler=sampler, steps=steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "sampler.onnx")
+        try:
+            export_sampler(pipe, path)
+        except ToolkitError as exc:
+            raise AssertionError(f"sampler {name!r}: cannot be exported: {exc}") from exc
+        session = SamplerSession(path, provider="cpu")
+        plan = as_v2(sampler).plan(schedule, steps)
+        for batch in (3, 1):
+            g = torch.Generator().manual_seed(batch)
+            x_T = torch.randn(batch, *shape, generator=g)
+            noise = torch.randn(plan.noise_slots, batch, *shape, generator=g)
+            D = plan.draws_per_step
+            with torch.no_grad():
+                want = run_plan(as_v2(sampler), pipe.model_fn(None), plan, x_T,
+                                noise_fn=lambda i: noise[i * D:(i + 1) * D]).clamp(-1, 1)
+            got = session.run(x_T.numpy(), noise.numpy() if D else None)
+            diff = float(np.abs(got - want.numpy()).max())
+            assert diff <= 1e-4, f"sampler {name!r}: the exported graph differs from the torch loop by {diff:.3g}"
+
+
+def check_traceable_step(sampler: Sampler, schedule: Schedule, steps: int = 5, shape: tuple[int, ...] = (1, 4, 4)) -> None:
+    """One ``step`` captured by torch.export (what the ONNX exporter traces) gives the eager result."""
+    from toolkit.sampling import as_v2
+
+    name = getattr(sampler, "name", type(sampler).__name__)
+    v2 = as_v2(sampler)
+    plan = v2.plan(schedule, steps).cast(torch.float32)
+    x = torch.randn(3, *shape)
+    state = [s_ + 0.1 for s_ in v2.init_state(x, plan)]
+    noise = torch.randn(max(plan.draws_per_step, 1), 3, *shape) if plan.draws_per_step else None
 
     class Step(torch.nn.Module):
-        def forward(self, out: Tensor, x_t: Tensor, t: Tensor, t_prev: Tensor, noise: Tensor) -> Tensor:
-            return sampler.step(out, x_t, t, t_prev, schedule, noise)
+        def forward(self, x: Tensor, i: Tensor, noise: Tensor | None, state: list[Tensor]):
+            out, new = v2.step(_toy_model, x, tuple(state), i, plan, noise)
+            return (out, *new)
 
-    args = (_toy_model(x, t), x, t, t_prev, noise)
+    args = (x, torch.tensor(min(1, len(plan) - 1)), noise, state)
     try:
         program = torch.export.export(Step(), args, strict=False)
     except Exception as exc:  # noqa: BLE001 - any failure means "not traceable"
         raise AssertionError(f"sampler {name!r}: step is not traceable by torch.export: {exc}") from exc
-    assert torch.allclose(program.module()(*args), Step()(*args), atol=1e-6), \
-        f"sampler {name!r}: the exported step differs from the eager one"
+    for got, want in zip(program.module()(*args), Step()(*args)):
+        assert torch.allclose(got, want, atol=1e-6), f"sampler {name!r}: the exported step differs from the eager one"
 
 
 def check_guidance(guidance: Guidance, predictor: NoisePredictor, labels: Tensor | None = None,

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 import toolkit
@@ -24,13 +25,27 @@ def test_sigmoid_betas():
 
 
 def test_euler_on_the_pf_ode_is_ddim_eta0():
-    """Song et al. note DDIM (η = 0) is Euler on this ODE: both must agree."""
+    """Song et al. note DDIM (η = 0) is Euler on this ODE: whole runs on the same grid must agree."""
+    from toolkit.sampling import run_plan
+
     sched = toolkit.create("schedule", "cosine", num_timesteps=1000)
-    ddim = toolkit.create("sampler", "ddim", eta=0.0, clip_x0=False, spacing="trailing")
-    x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
-    eps = torch.randn(2, 1, 4, 4, dtype=torch.float64)
-    t, tp = torch.tensor([800, 800]), torch.tensor([600, 600])
-    assert torch.allclose(Euler().step(eps, x, t, tp, sched, None), ddim.step(eps, x, t, tp, sched, None), atol=1e-9)
+    ddim = toolkit.create("sampler", "ddim", eta=0.0, clip_x0=False, spacing="karras")
+    euler = Euler()
+
+    def model(x, t):
+        return torch.tanh(0.5 * x + t.to(x.dtype) / 1000)
+
+    x_T = torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    a = run_plan(euler, model, euler.plan(sched, 12), x_T)
+    b = run_plan(ddim, model, ddim.plan(sched, 12), x_T)
+    assert torch.allclose(a, b, atol=1e-9)
+
+
+def test_default_grid_avoids_the_cosine_end():
+    sched = toolkit.create("schedule", "cosine", num_timesteps=1000)
+    t0 = float(Euler().plan(sched, 25).t[0])
+    a = float(toolkit.diffusion.alpha_bar(sched, torch.tensor([t0], dtype=torch.float64), torch.zeros(1, dtype=torch.float64)))
+    assert t0 < 999 and ((1 - a) / a) ** 0.5 == pytest.approx(80.0, rel=1e-6)
 
 
 def test_registered_through_the_entry_point():
