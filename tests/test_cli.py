@@ -19,7 +19,7 @@ def test_plugins_json():
     assert r.exit_code == 0
     data = json.loads(r.output)
     names = {e["name"]: e for e in data["plugins"]["sampler"] if e["dist"] == "diffusion-toolkit"}
-    assert set(names) == {"ddim", "ddpm"} and names["ddim"]["version"] == "0.1.0"
+    assert set(names) == {"ddim", "ddpm", "dpmpp-2m", "unipc", "heun", "euler-a"} and names["ddim"]["version"] == "0.1.0"
     assert {"cfg", "classifier"} <= {e["name"] for e in data["plugins"]["guidance"]}
     assert {"digits", "digits-classifier"} <= {e["name"] for e in data["plugins"]["pretrained"]}
     assert "cosine" in run("plugins").output
@@ -81,7 +81,7 @@ def test_same_seed_same_file(tmp_path, tiny_ckpt):
     (["--eta", "1.5"], "eta must lie in [0, 1]"),
     (["--class", "10"], "--class 10 is out of range: this model has classes 0..9"),
     (["--class", "x"], "--class must be a label"),
-    (["--sampler", "ddpm", "--eta", "0.5"], "bad options ['eta']"),
+    (["--sampler", "ddpm", "--eta", "0.5"], "takes no option 'eta'"),
     (["--steps", "abc"], "'abc' is not a valid integer"),
 ])
 def test_compose_bad_input(tmp_path, tiny_ckpt, args, message):

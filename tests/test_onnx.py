@@ -22,11 +22,11 @@ APP = ROOT / "examples" / "onnx-app" / "sample_digits.py"
 
 
 def torch_inputs(pipe, n, seed=0):
-    """x_T and the per-step noise exactly as Pipeline.sample draws them (x_T first, then one draw per step)."""
+    """x_T and the noise slots exactly as Pipeline.sample draws them (x_T first, then each iteration's draws)."""
     streams = NoiseStreams(seed, range(n), pipe.sample_shape)
     x_T = streams.draw()
-    steps = [streams.draw() for _ in range(pipe.steps - 1)]
-    return x_T, torch.stack([*steps, torch.zeros_like(x_T)])
+    slots = [streams.draw() for _ in range(pipe.plan.noise_slots)]
+    return x_T, torch.stack(slots) if slots else None
 
 
 CASES = {
@@ -35,6 +35,15 @@ CASES = {
     "ddpm1000": dict(sampler="ddpm", steps=1000),
     "ddpm100-cfg-beta": dict(sampler="ddpm", steps=100, variance="beta", guidance="cfg",
                              guidance_options={"scale": 1.5}),
+    "ddim10-hat": dict(sampler="ddim", steps=10, sigma="hat"),
+    "dpmpp2m10": dict(sampler="dpmpp-2m", steps=10),
+    "dpmpp2m8-cfg": dict(sampler="dpmpp-2m", steps=8, guidance="cfg", guidance_options={"scale": 2.0}),
+    "unipc8": dict(sampler="unipc", steps=8),
+    "unipc6-cfg": dict(sampler="unipc", steps=6, guidance="cfg", guidance_options={"scale": 2.0}),
+    "heun6": dict(sampler="heun", steps=6),
+    "heun8-cfg": dict(sampler="heun", steps=8, guidance="cfg", guidance_options={"scale": 2.0}),
+    "euler-a10": dict(sampler="euler-a", steps=10),
+    "euler-a8-cfg": dict(sampler="euler-a", steps=8, guidance="cfg", guidance_options={"scale": 2.0}),
 }
 
 
@@ -58,11 +67,12 @@ def test_whole_run_parity_with_pytorch(graphs, name):
     expected = pipe.sample(n, seed=11, labels=labels, scale=scale)
     x_T, noise = torch_inputs(pipe, n, seed=11)
     session = SamplerSession(path, provider="cpu")
-    got = session.run(x_T.numpy(), noise.numpy() if session.stochastic else None, np.array(labels), scale)
+    got = session.run(x_T.numpy(), noise.numpy() if noise is not None else None, np.array(labels), scale)
+    assert int(session.metadata["nfe"]) == pipe.nfe
     assert got.shape == (n, 1, 8, 8)
     assert np.abs(got - expected.numpy()).max() < 1e-4
     if not pipe.guidance:  # the null label samples unconditionally, as the pipeline does with labels=None
-        unc = session.run(x_T.numpy()[:2], noise.numpy()[:, :2] if session.stochastic else None, None)
+        unc = session.run(x_T.numpy()[:2], noise.numpy()[:, :2] if noise is not None else None, None)
         assert np.abs(unc - pipe.sample(2, seed=11).numpy()).max() < 1e-4
 
 
@@ -210,3 +220,47 @@ def test_onnx_app_runs_without_torch(graphs, tmp_path):
             "assert 'torch' not in sys.modules; print(x.shape)")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "(3, 1, 8, 8)" in r.stdout, r.stderr
+
+
+def test_solver_metadata_records_every_option(graphs):
+    pipe, path = graphs["dpmpp2m10"]
+    meta = {p.key: p.value for p in onnx.load(path).metadata_props}
+    assert json.loads(meta["sampler_options"]) == {"order": 2, "clip_x0": True, "spacing": "logsnr",
+                                                   "default_steps": 20}
+    assert (meta["plugin_api"], meta["iterations"], meta["nfe"], meta["noise_slots"]) == ("2", "10", "10", "0")
+    assert [d.dim_param or d.dim_value for d in onnx.load(path).graph.input[0].type.tensor_type.shape.dim] == \
+        ["batch", 1, 8, 8]
+    heun, path = graphs["heun6"]
+    meta = {p.key: p.value for p in onnx.load(path).metadata_props}
+    assert (meta["steps"], meta["iterations"], meta["nfe"]) == ("6", "11", "11")  # 2S − 1 network calls
+
+
+def test_a_v1_sampler_with_its_own_loop_is_refused(tmp_path, fresh_registry):
+    """Plugin API 1 with a sample() that is not the standard loop: torch runs it, the exporter refuses it."""
+    import types
+
+    from toolkit.diffusion import alpha_bar
+    from toolkit.sampling import sample_loop, spaced_timesteps
+
+    class Halved:
+        name, stochastic = "halved", False
+
+        def timesteps(self, schedule, steps):
+            return spaced_timesteps(schedule.num_timesteps, steps)
+
+        def step(self, out, x_t, t, t_prev, schedule, noise):
+            a, ap = alpha_bar(schedule, t, x_t), alpha_bar(schedule, t_prev, x_t)
+            eps = out[:, :1]
+            return ap.sqrt() * (x_t - (1 - a).sqrt() * eps) / a.sqrt() + (1 - ap).sqrt() * eps
+
+        def sample(self, model_fn, schedule, x_T, *, steps, noise_fn, progress=None):
+            return 0.5 * sample_loop(self, model_fn, schedule, x_T, steps=steps, noise_fn=noise_fn)
+
+    mod = types.ModuleType("halved_plugin")
+    mod.register_samplers = toolkit.hookimpl(lambda register: register("halved", Halved))
+    fresh_registry.register_plugin(mod, "halved", dist="halved-dist")
+    r = run("compose", "--sampler", "halved", "--steps", 4, "-n", 2, "--out", tmp_path / "x.npy")
+    assert r.exit_code == 0, r.output
+    one_line_error(run("export", "onnx", "--sampler", "halved", "--steps", 4, "--out", tmp_path / "h.onnx"),
+                   "own sample() loop")
+    assert not (tmp_path / "h.onnx").exists()
