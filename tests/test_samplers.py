@@ -112,8 +112,9 @@ def test_spacings_follow_ddim_paper():
 
 
 def test_logsnr_and_karras_grids():
-    """logsnr: λ(t_i) evenly spaced; karras: σ̃_i = (σ̃max^(1/7) + i/(S−1)(σ̃min^(1/7) − σ̃max^(1/7)))^7 with
-    σ̃max = min(80, σ̃_{T−1}), σ̃min = σ̃_0; fractional t mapped through λ linear in t."""
+    """logsnr: λ(t_i) evenly spaced; karras: σ̃_i = (σ̃max^(1/7) + i/S·(σ̃min^(1/7) − σ̃max^(1/7)))^7 with
+    σ̃max = min(80, σ̃_{T−1}), σ̃min = σ̃_0, i = 0..S−1 (the point i = S, t = 0, is not visited: the last step
+    goes to the clean data); fractional t mapped through λ linear in t."""
     sched = toolkit.create("schedule", "cosine", num_timesteps=1000)
     a = sched.alphas_cumprod.numpy()
     lam_tab = np.log(a / (1 - a))
@@ -123,16 +124,20 @@ def test_logsnr_and_karras_grids():
 
     t = time_grid(sched, 8, "logsnr")
     lam = lam_at(t)
-    assert np.allclose(np.diff(lam), np.diff(lam)[0], rtol=1e-9) and t[-1] == 0
+    assert len(t) == 8 and np.allclose(np.diff(lam), (lam_tab[0] - lam[0]) / 8, rtol=1e-9)
     assert lam[0] == pytest.approx(-2 * math.log(80.0), rel=1e-9)  # σ̃ = 80 where λ = −2 log 80
     t = time_grid(sched, 8, "karras")
     sig = np.exp(-lam_at(t) / 2)
     s_max, s_min = 80.0, math.sqrt((1 - a[0]) / a[0])
-    ramp = np.arange(8) / 7
+    ramp = np.arange(8) / 8
     expect = (s_max ** (1 / 7) + ramp * (s_min ** (1 / 7) - s_max ** (1 / 7))) ** 7
     assert np.allclose(sig, expect, rtol=1e-9)
     lin = toolkit.create("schedule", "linear", num_timesteps=1000)  # σ̃_{T−1} = 157 > 80 here too
-    assert np.exp(-lam_at(time_grid(lin, 3, "karras")[0]) / 2) != pytest.approx(80.0)
+    a = lin.alphas_cumprod.numpy()
+    t0 = time_grid(lin, 3, "karras")[0]
+    assert 900 < t0 < 999 and np.exp(-np.interp(t0, np.arange(1000), np.log(a / (1 - a))) / 2) == pytest.approx(80.0)
+    short = toolkit.schedule_from_betas("flat", [0.01] * 20)  # σ̃_{T−1} = 0.47 < 80: starts at T − 1
+    assert time_grid(short, 3, "logsnr")[0] == 19
 
 
 @pytest.mark.parametrize("name", ["ddpm", "ddim", "dpmpp-2m", "unipc", "heun", "euler-a"])

@@ -95,10 +95,11 @@ def time_grid(schedule: Schedule, steps: int, spacing: str = "uniform") -> np.nd
     """``steps`` sampling times, descending (float64; fractional for logsnr and karras).
 
     The integer spacings are those of ``spaced_timesteps``. logsnr: even in λ (Lu et al. 2022's
-    choice for DPM-Solver); karras: σ̃ = √((1-ᾱ)/ᾱ) on Karras et al.'s ρ = 7 grid. Both run from
-    σ̃ = min(80, σ̃_{T-1}) (Karras et al.'s σ_max: a cosine schedule's σ̃_{T-1} is 2·10⁴, where x̂_0 is
-    ε's error times 2·10⁴ and a step's coefficients lose float32 precision) to t = 0, so their first
-    time is fractional there. The run ends after the last time with one step to the clean data (t = -1).
+    choice for DPM-Solver); karras: σ̃ = √((1-ᾱ)/ᾱ) on Karras et al.'s ρ = 7 grid. Both lay S + 1
+    points from σ̃ = min(80, σ̃_{T-1}) (Karras et al.'s σ_max: a cosine schedule's σ̃_{T-1} is 2·10⁴,
+    where x̂_0 is ε's error times 2·10⁴) to t = 0 and visit the first S, as "trailing" does: no network
+    call is spent at t = 0, where the data is all but clean. Their times are fractional. The run ends
+    after the last time with one step to the clean data (t = -1).
     """
     T = schedule.num_timesteps
     steps = check_steps(schedule, steps)
@@ -107,17 +108,15 @@ def time_grid(schedule: Schedule, steps: int, spacing: str = "uniform") -> np.nd
     lam = log_snr_table(schedule)
     lam_start = max(lam[-1], -2 * math.log(SIGMA_MAX))
     if spacing == "logsnr":
-        grid = np.linspace(lam_start, lam[0], steps)
+        points = np.linspace(lam_start, lam[0], steps + 1)
     elif spacing == "karras":
         s_max, s_min = math.exp(-lam_start / 2), math.exp(-lam[0] / 2)
-        ramp = np.linspace(0, 1, steps)
+        ramp = np.linspace(0, 1, steps + 1)
         sig = (s_max ** (1 / KARRAS_RHO) + ramp * (s_min ** (1 / KARRAS_RHO) - s_max ** (1 / KARRAS_RHO))) ** KARRAS_RHO
-        grid = -2 * np.log(sig)
+        points = -2 * np.log(sig)
     else:
         raise ToolkitError(f"unknown spacing {spacing!r}; choose from {', '.join(SPACINGS)}")
-    t = time_of_log_snr(schedule, grid)
-    if steps > 1:
-        t[-1] = 0.0  # exact end, no interpolation round-off
+    t = time_of_log_snr(schedule, points[:-1])  # as "trailing": the last step goes from here to the clean data
     if steps > 1 and not bool(np.all(np.diff(t) < 0)):
         raise ToolkitError(f"{spacing} spacing does not give {steps} distinct times on this schedule")
     return t
