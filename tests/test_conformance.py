@@ -96,3 +96,32 @@ def test_kit_catches_broken_plugins():
             return sample_loop(self, model_fn, schedule, x_T, steps=steps, noise_fn=noise_fn)
 
     check_sampler(StandardLoop())  # plugin API 1 through the adapter, exported too
+
+
+def test_a_sampler_with_two_draws_per_step_conforms():
+    """noise_fn(i) gives D = 2 draws per iteration, and the exported graph reads the same slots in order."""
+    import math
+
+    from toolkit.sampling import Plan
+
+    ddpm = toolkit.create("sampler", "ddpm", variance="posterior")
+
+    class TwoDraws:
+        """DDPM's step with z = (z₁ + z₂)/√2: still a standard normal, from two draws."""
+
+        name = "two-draws"
+
+        def plan(self, schedule, steps):
+            p = ddpm.plan(schedule, steps)
+            return Plan(t=p.t, steps=p.steps, tables=p.tables, draws_per_step=2)
+
+        def init_state(self, x_T, plan):
+            return ()
+
+        def step(self, model_fn, x, state, i, plan, noise):
+            z = (noise[0] + noise[1]) / math.sqrt(2)
+            return ddpm.step(model_fn, x, state, i, plan, z[None])
+
+    check_sampler(TwoDraws())
+    sched = toolkit.create("schedule", "linear", num_timesteps=100)
+    assert TwoDraws().plan(sched, 5).noise_slots == 10

@@ -124,6 +124,33 @@ def test_evaluate_cli_fid_sweep_and_plot(tiny_ckpt, tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "ddim(eta=1.0)" in run("evaluate", "--model", tiny_ckpt, "--metric", "fid", "--eta", "1",
                                   "--steps", "2", "-n", 10).output
+    assert [row["nfe"] for row in data["rows"]] == [2, 3, 2, 3, 2, 3]
+
+
+def test_evaluate_per_sampler_options_and_nfe(tiny_ckpt, tmp_path):
+    out = tmp_path / "q.json"
+    r = run("evaluate", "--model", tiny_ckpt, "--metric", "fid", "--sampler", "heun,dpmpp-2m:order=1:spacing=karras",
+            "--steps", "3", "-n", 10, "--out", out, "--sampler-option", "clip_x0=false")
+    assert r.exit_code == 0, r.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["label"], row["nfe"]) for row in rows] == [
+        ("heun(clip_x0=False)", 5), ("dpmpp-2m(clip_x0=False,order=1,spacing=karras)", 3)]
+    assert "NFE" in r.output.splitlines()[1]
+
+
+def test_ode_error_metric(tiny_ckpt, tmp_path):
+    """Deterministic samplers get their distance to the 1000-NFE reference, which shrinks with steps;
+    dpmpp-2m with order=1 is DDIM on the same grid, so both rows agree; stochastic rows have none."""
+    out = tmp_path / "o.json"
+    r = run("evaluate", "--model", tiny_ckpt, "--metric", "ode", "--sampler",
+            "ddim:spacing=logsnr,dpmpp-2m:order=1,unipc,euler-a", "--steps", "4,16", "-n", 6, "--out", out)
+    assert r.exit_code == 0, r.output
+    rows = {(row["label"], row["steps"]): row for row in json.loads(out.read_text())["rows"]}
+    ddim4, ddim16 = rows[("ddim(spacing=logsnr)", 4)], rows[("ddim(spacing=logsnr)", 16)]
+    assert 0 < ddim16["ode_error"] < ddim4["ode_error"]
+    assert ddim4["ode_error"] == pytest.approx(rows[("dpmpp-2m(order=1)", 4)]["ode_error"], rel=1e-4)
+    assert rows[("unipc", 16)]["ode_error"] < ddim16["ode_error"]
+    assert rows[("euler-a", 4)]["ode_error"] is None and "stochastic" in r.output
 
 
 def test_shipped_model_quality_against_features():
@@ -169,7 +196,12 @@ def test_raw_features_for_vector_data(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--metric", "fid", "--features", "digits"], "not a feature network"),
     (["--metric", "nll", "--dataset", "moons"], "has samples of shape (2,)"),
-    (["--metric", "nll", "--plot", "x.png"], "--plot applies to --metric fid"),
+    (["--metric", "nll", "--plot", "x.png"], "--plot applies to --metric fid and ode"),
+    (["--metric", "fid", "--sampler", "dpmpp-2m:order=3"], "order must be one of 1, 2"),
+    (["--metric", "fid", "--sampler", "dpmpp-2m:eta=1"], "takes no option 'eta'"),
+    (["--metric", "ode", "--sampler", "ddim:spacing"], "must be KEY=VALUE"),
+    (["--metric", "fid", "--sampler", "ddim,unipc", "--sampler-option", "variance=beta"],
+     "no sampler of ddim, unipc takes the option 'variance'"),
     (["--metric", "fid", "--steps", "a,b"], "--steps must be a comma list"),
     (["--metric", "fid", "--sampler", "nope"], "unknown sampler 'nope'"),
     (["--metric", "fid", "-n", "1"], "at least 2"),

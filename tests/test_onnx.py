@@ -43,6 +43,7 @@ CASES = {
     "heun6": dict(sampler="heun", steps=6),
     "heun8-cfg": dict(sampler="heun", steps=8, guidance="cfg", guidance_options={"scale": 2.0}),
     "euler-a10": dict(sampler="euler-a", steps=10),
+    "dpmpp2m8-linear": dict(schedule="linear", sampler="dpmpp-2m", steps=8),  # fractional t, another schedule
     "euler-a8-cfg": dict(sampler="euler-a", steps=8, guidance="cfg", guidance_options={"scale": 2.0}),
 }
 

@@ -469,7 +469,8 @@ def _compose_onnx(path, pipe, class_, n, seed, batch_size, out, device, scale, q
     samples = sample_onnx(session, n, seed=seed, labels=labels, scale=scale, batch_size=batch_size)
     save_samples(samples, out, nrow=nrow)
     meta = session.metadata
-    click.echo(f"wrote {out} ({n} samples, {meta['sampler']} {meta['steps']} steps, {meta['schedule']} schedule, "
+    calls = f" = {meta['nfe']} network calls" if meta.get("nfe") else ""
+    click.echo(f"wrote {out} ({n} samples, {meta['sampler']} {meta['steps']} steps{calls}, {meta['schedule']} schedule, "
                f"onnxruntime {session.provider})")
 
 
