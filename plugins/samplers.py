@@ -8,13 +8,28 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from attrs import define, field
+from attrs import Converter, define, field
 from torch import Tensor
 
 from toolkit.errors import ToolkitError
 from toolkit.hookspecs import hookimpl
 from toolkit.protocols import ModelFn, Schedule
 from toolkit.sampling import SPACINGS, Plan, grid, log_snr_at, alpha_sigma, split_output, x0_and_eps
+
+
+def _flag(value, field) -> bool:
+    """A boolean option: True/False, or "true"/"false"/"1"/"0" in any case (a bare "False" is not true)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ToolkitError(f"{field.name} must be true or false, not {value!r}")
+
+
+flag = Converter(_flag, takes_field=True)
 
 
 def choice(*choices: str):
@@ -37,7 +52,7 @@ class DDPM:
     """
 
     variance: str = field(default="auto", validator=choice("auto", "posterior", "beta", "learned"))
-    clip_x0: bool = True
+    clip_x0: bool = field(default=True, converter=flag)
     spacing: str = field(default="uniform", validator=choice(*SPACINGS))
     default_steps: int | None = None
     name: str = field(default="ddpm", init=False)
@@ -104,7 +119,7 @@ class DDIM:
     """
 
     eta: float = field(default=0.0, converter=float)
-    clip_x0: bool = True
+    clip_x0: bool = field(default=True, converter=flag)
     spacing: str = field(default="uniform", validator=choice(*SPACINGS))
     default_steps: int | None = 50
     sigma: str = field(default="eta", validator=choice("eta", "hat"))

@@ -16,7 +16,7 @@ from torch import Tensor
 from toolkit.errors import ToolkitError
 from toolkit.hookspecs import hookimpl
 from toolkit.protocols import ModelFn, Schedule
-from toolkit.plugins.samplers import choice
+from toolkit.plugins.samplers import choice, flag
 from toolkit.sampling import SPACINGS, Plan, check_steps, grid, split_output, x0_and_eps
 
 
@@ -51,7 +51,7 @@ class DPMSolverPP2M:
     """
 
     order: int = field(default=2, converter=int, validator=_order_in(1, 2))
-    clip_x0: bool = True
+    clip_x0: bool = field(default=True, converter=flag)
     spacing: str = field(default="logsnr", validator=choice(*SPACINGS))
     default_steps: int | None = 20
     name: str = field(default="dpmpp-2m", init=False)
@@ -102,7 +102,7 @@ class UniPC:
     """
 
     order: int = field(default=2, converter=int, validator=_order_in(1, 2))
-    clip_x0: bool = True
+    clip_x0: bool = field(default=True, converter=flag)
     spacing: str = field(default="logsnr", validator=choice(*SPACINGS))
     default_steps: int | None = 10
     name: str = field(default="unipc", init=False)
@@ -163,7 +163,7 @@ class Heun:
     State: (x̂_0, ε) of the last Euler stage.
     """
 
-    clip_x0: bool = True
+    clip_x0: bool = field(default=True, converter=flag)
     spacing: str = field(default="karras", validator=choice(*SPACINGS))
     default_steps: int | None = 10
     name: str = field(default="heun", init=False)
@@ -201,7 +201,7 @@ class EulerAncestral:
     noise σ̃_up, with σ̃_up = min(σ̃', η·σ̃'·√(σ̃² − σ̃'²)/σ̃) and σ̃_down = √(σ̃'² − σ̃_up²); one draw per step."""
 
     eta: float = field(default=1.0, converter=float)
-    clip_x0: bool = True
+    clip_x0: bool = field(default=True, converter=flag)
     spacing: str = field(default="karras", validator=choice(*SPACINGS))
     default_steps: int | None = 30
     name: str = field(default="euler-a", init=False)

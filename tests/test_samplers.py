@@ -354,9 +354,16 @@ def test_fractional_times_on_another_schedule():
     (["--sampler", "dpmpp-2m", "--steps", "2"], "needs at least 3 steps"),
     (["--sampler", "dpmpp-2m", "--sampler-option", "eta=0.5"], "takes no option 'eta'"),
     (["--sampler", "unipc", "--sampler-option", "order=5"], "order must be one of 1, 2"),
+    (["--sampler", "unipc", "--sampler-option", "clip_x0=maybe"], "clip_x0 must be true or false"),
 ])
 def test_bad_solver_input_is_one_line(tmp_path, args, pattern):
     one_line_error(cli("compose", *args, "-n", 2, "--out", tmp_path / "x.png"), pattern)
+
+
+def test_boolean_options_parse_as_booleans():
+    for text, value in (("False", False), ("false", False), ("0", False), ("True", True), (True, True)):
+        assert toolkit.create("sampler", "unipc", clip_x0=text).clip_x0 is value
+        assert toolkit.create("sampler", "ddim", clip_x0=text).clip_x0 is value
 
 
 @pytest.mark.parametrize("name", ["dpmpp-2m", "unipc", "heun", "euler-a"])
