@@ -127,6 +127,7 @@ def fd_section(pipe, fn_for, space, real, n: int, seeds, nfes) -> list[dict[str,
     configs: list[tuple[str, str, int]] = [("ours", "ddim", 20), ("ours", "ddim", 50)]
     for nfe in nfes:
         configs += [("ours", "ddim", nfe), ("ours", "dpmpp-2m", nfe), ("ours", "unipc", nfe),
+                    ("ours", "unipc:spacing=trailing", nfe),
                     ("ours", "heun", steps_for("heun", nfe)), ("ours", "euler-a", nfe),
                     ("diffusers", "dpmpp-2m", nfe), ("diffusers", "unipc", nfe), ("diffusers", "euler", nfe)]
     rows = []
@@ -139,7 +140,8 @@ def fd_section(pipe, fn_for, space, real, n: int, seeds, nfes) -> list[dict[str,
             x_T = streams.draw()
             t0 = time.perf_counter()
             if side == "ours":
-                sampler = as_v2(toolkit.create("sampler", name))
+                base, *opt = name.split(":")
+                sampler = as_v2(toolkit.create("sampler", base, **dict(o.split("=") for o in opt)))
                 plan = sampler.plan(pipe.schedule, steps)
                 x = run_plan(sampler, fn, plan, x_T, noise_fn=stream_noise_fn(streams.draw, plan.draws_per_step))
                 nfe_used = plan.nfe
@@ -180,6 +182,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
                      marker="o", linestyle=style, label=label, capsize=2)
     ax1.set_xscale("log")
     ax1.set_yscale("log")
+    ax1.set_xticks([5, 10], ["5", "10"])
+    ax1.minorticks_off()
     ax1.set_xlabel("network calls per sample (NFE)")
     ax1.set_ylabel(f"FD (mean ± sd over {len(result['config']['seeds'])} seeds)")
     ax1.set_title(f"sample quality, n={result['config']['samples']}")
@@ -198,6 +202,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
                  linestyle="-" if label.startswith("ours") else "--", label=label)
     ax2.set_xscale("log")
     ax2.set_yscale("log")
+    ax2.set_xticks([5, 10, 20], ["5", "10", "20"])
     ax2.set_xlabel("network calls per sample (NFE)")
     ax2.set_ylabel("RMS distance to the 1000-NFE ODE solution")
     ax2.set_title("ODE error (x̂_0 clipped)")
@@ -215,7 +220,12 @@ def main() -> None:
     parser.add_argument("--reference-nfe", type=int, default=1000)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--reuse-ode", default=None, help="take section (a) from this results JSON")
+    parser.add_argument("--plot-only", default=None, help="redraw the figure of this results JSON")
     args = parser.parse_args()
+    if args.plot_only:
+        plot(json.loads(Path(args.plot_only).read_text()), Path(args.plot_only).with_suffix(".png"))
+        return
     if args.quick:
         args.samples, args.ode_samples, args.seeds, args.reference_nfe = 100, 16, "0,1", 100
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -233,7 +243,11 @@ def main() -> None:
                     "threads": torch.get_num_threads(), "platform": platform.platform()},
     }
     t0 = time.perf_counter()
-    result["ode"] = ode_section(pipe, fn, x_T, ode_labels, NFES, args.reference_nfe)
+    if args.reuse_ode:
+        result["ode"] = json.loads(Path(args.reuse_ode).read_text())["ode"]
+        result["config"]["ode_samples"] = json.loads(Path(args.reuse_ode).read_text())["config"]["ode_samples"]
+    else:
+        result["ode"] = ode_section(pipe, fn, x_T, ode_labels, NFES, args.reference_nfe)
     data = toolkit.create("dataset", "digits")
     space = feature_space(None, "digits", data.sample_shape)
     real = space.features(data.x)

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 import toolkit
-from toolkit.diffusion import alpha_bar
-from toolkit.sampling import sample_loop, spaced_timesteps
+from helpers import HalvedV1, V1DDIM
 from toolkit.testing import check_guidance, check_sampler, check_schedule
 
 
@@ -72,30 +71,9 @@ def test_kit_catches_broken_plugins():
     with pytest.raises(AssertionError, match="network calls"):
         check_sampler(TwoCalls())
 
-    class OwnLoop:
-        """Plugin API 1 with a sample() that is not the standard loop: runs in torch, cannot be exported."""
-
-        name, stochastic = "own-loop", False
-
-        def timesteps(self, schedule, steps):
-            return spaced_timesteps(schedule.num_timesteps, steps)
-
-        def step(self, out, x_t, t, t_prev, schedule, noise):
-            a, ap = alpha_bar(schedule, t, x_t), alpha_bar(schedule, t_prev, x_t)
-            x0 = (x_t - (1 - a).sqrt() * out[:, : x_t.shape[1]]) / a.sqrt()
-            return ap.sqrt() * x0 + (1 - ap).sqrt() * out[:, : x_t.shape[1]]
-
-        def sample(self, model_fn, schedule, x_T, *, steps, noise_fn, progress=None):
-            return sample_loop(self, model_fn, schedule, x_T, steps=steps, noise_fn=noise_fn) * 0.5
-
     with pytest.raises(AssertionError, match="own sample"):
-        check_sampler(OwnLoop())
-
-    class StandardLoop(OwnLoop):
-        def sample(self, model_fn, schedule, x_T, *, steps, noise_fn, progress=None):
-            return sample_loop(self, model_fn, schedule, x_T, steps=steps, noise_fn=noise_fn)
-
-    check_sampler(StandardLoop())  # plugin API 1 through the adapter, exported too
+        check_sampler(HalvedV1())
+    check_sampler(V1DDIM())  # plugin API 1 through the adapter, exported too
 
 
 def test_a_sampler_with_two_draws_per_step_conforms():

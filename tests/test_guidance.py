@@ -213,28 +213,12 @@ def test_pipeline_ddpm_step_adds_sigma_times_gradient(tiny_ckpt, tiny_classifier
 
 def test_third_party_sampler_with_guidance(tiny_ckpt, tiny_classifier, fresh_registry):
     """A sampler that knows nothing of guidance (no log_variance) gets both guidances in ε-space."""
-    from attrs import define, field
+    from helpers import V1DDIM
 
-    from toolkit.diffusion import alpha_bar
-    from toolkit.sampling import sample_loop, spaced_timesteps
+    class Plain(V1DDIM):
+        """A plugin-API-1 DDIM with x̂_0 clipped, as the built-in ddim does."""
 
-    @define(frozen=True)
-    class Plain:
-        """A plugin-API-1 DDIM (η = 0, x̂_0 clipped), written against the old protocol."""
-
-        name: str = field(default="plain", init=False)
-        stochastic: bool = field(default=False, init=False)
-
-        def timesteps(self, schedule, steps):
-            return spaced_timesteps(schedule.num_timesteps, steps)
-
-        def step(self, out, x_t, t, t_prev, schedule, noise):
-            a, ap = alpha_bar(schedule, t, x_t), alpha_bar(schedule, t_prev, x_t)
-            x0 = ((x_t - (1 - a).sqrt() * out[:, :1]) / a.sqrt()).clamp(-1, 1)
-            return ap.sqrt() * x0 + (1 - ap).sqrt() * (x_t - a.sqrt() * x0) / (1 - a).sqrt()
-
-        def sample(self, model_fn, schedule, x_T, *, steps, noise_fn, progress=None):
-            return sample_loop(self, model_fn, schedule, x_T, steps=steps, noise_fn=noise_fn)
+        name, clip = "plain", True
 
     import types
 

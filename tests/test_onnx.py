@@ -240,25 +240,10 @@ def test_a_v1_sampler_with_its_own_loop_is_refused(tmp_path, fresh_registry):
     """Plugin API 1 with a sample() that is not the standard loop: torch runs it, the exporter refuses it."""
     import types
 
-    from toolkit.diffusion import alpha_bar
-    from toolkit.sampling import sample_loop, spaced_timesteps
-
-    class Halved:
-        name, stochastic = "halved", False
-
-        def timesteps(self, schedule, steps):
-            return spaced_timesteps(schedule.num_timesteps, steps)
-
-        def step(self, out, x_t, t, t_prev, schedule, noise):
-            a, ap = alpha_bar(schedule, t, x_t), alpha_bar(schedule, t_prev, x_t)
-            eps = out[:, :1]
-            return ap.sqrt() * (x_t - (1 - a).sqrt() * eps) / a.sqrt() + (1 - ap).sqrt() * eps
-
-        def sample(self, model_fn, schedule, x_T, *, steps, noise_fn, progress=None):
-            return 0.5 * sample_loop(self, model_fn, schedule, x_T, steps=steps, noise_fn=noise_fn)
+    from helpers import HalvedV1
 
     mod = types.ModuleType("halved_plugin")
-    mod.register_samplers = toolkit.hookimpl(lambda register: register("halved", Halved))
+    mod.register_samplers = toolkit.hookimpl(lambda register: register("halved", HalvedV1))
     fresh_registry.register_plugin(mod, "halved", dist="halved-dist")
     r = run("compose", "--sampler", "halved", "--steps", 4, "-n", 2, "--out", tmp_path / "x.npy")
     assert r.exit_code == 0, r.output
