@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command: set up .venv and sample 64 digits from the shipped model into samples.png.
+# One command: set up .venv and sample 100 digits (a row of ten per class) from the shipped model into samples.png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS="" . scripts/setup.sh

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import attrs
 from attrs import asdict, define, field, validators
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -238,6 +239,11 @@ def train(
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise ToolkitError(f"output folder {str(parent)!r} does not exist")
+    from toolkit import budget
+
+    if budget.active():  # TOOLKIT_BUDGET=small: a token run of the same command
+        config = attrs.evolve(config, steps=budget.steps(config.steps),
+                              checkpoint_every=budget.steps(config.checkpoint_every))
     device = parse_device(device)
     if precision not in PRECISIONS:
         raise ToolkitError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
