@@ -203,6 +203,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax2.set_xscale("log")
     ax2.set_yscale("log")
     ax2.set_xticks([5, 10, 20], ["5", "10", "20"])
+    ax2.minorticks_off()
     ax2.set_xlabel("network calls per sample (NFE)")
     ax2.set_ylabel("RMS distance to the 1000-NFE ODE solution")
     ax2.set_title("ODE error (x̂_0 clipped)")
