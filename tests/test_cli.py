@@ -171,3 +171,40 @@ def test_hybrid_loss_with_learned_variance(tmp_path):
     r = run("compose", "--model", out, "--sampler", "ddpm", "--steps", 5, "-n", 2, "--out", tmp_path / "h.npy")
     assert r.exit_code == 0, r.stderr
     one_line_error(run("train", *TINY, "--loss", "hybrid", "--steps", 1, "--out", tmp_path / "x"), "--learn-variance")
+
+
+def test_overwrite_replaces_only_a_checkpoint(tmp_path):
+    data = tmp_path / "photos"
+    data.mkdir()
+    (data / "mine.txt").write_text("a user's file")
+    one_line_error(run("train", "--steps", 1, "--batch-size", 8, "--out", data, "--overwrite"),
+                   "is not a toolkit checkpoint")
+    assert (data / "mine.txt").read_text() == "a user's file"
+
+
+def test_export_dataset_png_folder_reads_back(tmp_path):
+    out = tmp_path / "digits-png"
+    r = run("export-dataset", "digits", "--out", out)
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == [str(k) for k in range(10)]
+    import toolkit
+
+    back = toolkit.create("dataset", "folder", path=str(out), size=8, channels=1)
+    digits = toolkit.create("dataset", "digits")
+    assert len(back) == len(digits) and back.num_classes == 10
+    order = torch.argsort(torch.tensor([int(p.stem) for p in sorted(out.rglob("*.png"))]))
+    # 17 gray levels written as 8-bit values: every pixel within half an 8-bit step of the original
+    assert (back.x[order] - digits.x).abs().max() <= 1 / 255 + 1e-6
+    one_line_error(run("export-dataset", "digits", "--out", out), "already exists")
+    one_line_error(run("export-dataset", "moons", "--out", tmp_path / "m"), "use --format npz")
+    r = run("export-dataset", "moons", "--format", "npz", "--out", tmp_path / "m.npz")
+    assert r.exit_code == 0 and np.load(tmp_path / "m.npz")["x"].shape == (8000, 2)
+
+
+def test_small_budget_trains_one_step_per_thousand(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOOLKIT_BUDGET", "small")
+    r = run("train", "--steps", 3000, "--batch-size", 8, "--model-option", "base_channels=8",
+            "--model-option", "attention_heads=2", "--out", tmp_path / "b", "-q")
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert cfg["training"]["config"]["steps"] == 3

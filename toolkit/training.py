@@ -255,6 +255,13 @@ def train(
                            f"{world.size} processes")
     if out.exists() and not resume and not overwrite:
         raise ToolkitError(f"{str(out)!r} already exists; pass --resume to continue it or --overwrite")
+    if out.exists() and overwrite and not resume:  # --overwrite replaces a checkpoint, never other files
+        try:
+            checkpoint.read_config(out)
+        except CheckpointError:
+            if not (out.is_dir() and not out.is_symlink() and not any(out.iterdir())):
+                raise ToolkitError(f"{str(out)!r} is not a toolkit checkpoint: --overwrite replaces only a "
+                                   "checkpoint (or an empty folder); choose another --out") from None
     world = distributed.init(device)
     device = distributed.local_device(device, world)
     distributed.barrier(world)  # every rank has checked --out before rank 0 writes to it
