@@ -122,3 +122,26 @@ def test_every_plugin_kind_is_documented():
     text = _sections()["plugins"]
     kinds = toolkit.registry.get_registry().entries.keys() | set(toolkit.registry.KINDS)
     assert [k for k in sorted(kinds) if f"`{k}`" not in text] == []
+
+
+def test_documented_options_exist():
+    """Every `--option` a command's section names is an option of that command (or of one whose
+    options the section says it shares, or of `toolkit compose` for the pipeline options it cites)."""
+    sections = _sections()
+    options = {name: {o for p in cmd.params if isinstance(p, click.Option) for o in p.opts}
+               for name, cmd in _commands()}
+    stale = []
+    for name, text in sections.items():
+        if name not in options:
+            stale.append(f"README section for a command that does not exist: `toolkit {name}`")
+            continue
+        known = set(options[name])
+        for other in re.findall(r"options of `toolkit ([a-z -]+?)`", text) + re.findall(r"as in (compose|train)", text):
+            known |= options.get(other, set())
+        prose = re.sub(r"```.*?```", "", text, flags=re.S)  # command blocks may run other commands
+        for code in re.findall(r"`([^`]+)`", prose):
+            for opt in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", code):
+                cites = code.split()[0] in {n.split()[0] for n in options} | {"toolkit", "torchrun", "python"}
+                if opt not in known and not cites:
+                    stale.append(f"`toolkit {name}` section names {opt}")
+    assert not stale, "; ".join(sorted(set(stale)))
