@@ -170,3 +170,13 @@ def test_autoencoder_training_resumes_exactly(tmp_path):
     assert run(*common, "--steps", 4, "--out", tmp_path / "b").exit_code == 0
     a, b = (json.loads((tmp_path / d / "config.json").read_text())["latent"] for d in ("a", "b"))
     assert a["fingerprint"] == b["fingerprint"] and a["scale_factor"] == b["scale_factor"]
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp-2m", "unipc", "heun", "euler-a"])
+def test_solvers_in_latent_space(tiny_latent_model, tmp_path, sampler):
+    out = tmp_path / "s.npy"
+    r = run("compose", "--model", tiny_latent_model, "--sampler", sampler, "--steps", 4, "--guidance", "cfg",
+            "--scale", 2, "--class", "1,2", "-n", 4, "--out", out, "-q")
+    assert r.exit_code == 0, r.output
+    x = np.load(out)
+    assert x.shape == (4, 1, 8, 8) and np.isfinite(x).all()
