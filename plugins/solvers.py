@@ -80,11 +80,16 @@ class DPMSolverPP2M:
         return plan["c_x"][i] * x + plan["c_d"][i] * d, (x0,)
 
 
-def _unipc_rhos_c(rk: float, h: float) -> np.ndarray:
-    """ρ of the order-2 UniC corrector with B(h) = e^{−h} − 1 (bh2; Zhao et al. 2023, x̂_0 form)."""
+def _unipc_B(h: float, variant: str) -> float:
+    """B(h) of UniPC (x̂_0 form, hh = −h): bh1 B = hh, bh2 B = e^{hh} − 1 (Zhao et al. 2023, §3.2)."""
+    return -h if variant == "bh1" else float(np.expm1(-h))
+
+
+def _unipc_rhos_c(rk: float, h: float, variant: str = "bh2") -> np.ndarray:
+    """ρ of the order-2 UniC corrector (Zhao et al. 2023, x̂_0 form)."""
     hh = -h
     h_phi_1 = np.expm1(hh)
-    B_h = np.expm1(hh)
+    B_h = _unipc_B(h, variant)
     h_phi_2 = h_phi_1 / hh - 1
     h_phi_3 = h_phi_2 / hh - 1 / 2
     R = np.array([[1.0, 1.0], [rk, 1.0]])
@@ -94,7 +99,9 @@ def _unipc_rhos_c(rk: float, h: float) -> np.ndarray:
 
 @define(frozen=True)
 class UniPC:
-    """UniPC (Zhao et al. 2023), bh2 variant, x̂_0 form, order 2 (as diffusers' UniPCMultistepScheduler).
+    """UniPC (Zhao et al. 2023), x̂_0 form, order 2 (as diffusers' UniPCMultistepScheduler); ``variant``
+    bh2 (B(h) = e^{−h} − 1, the default) or bh1 (B(h) = −h, the paper's choice for unconditional sampling
+    with few steps).
 
     Each iteration calls the model once at the predicted x_k, corrects x_k with that call (UniC, free:
     the call is reused by the next predictor), then predicts x_{k+1} (UniP). First order at the first
@@ -105,6 +112,7 @@ class UniPC:
     clip_x0: bool = field(default=True, converter=flag)
     spacing: str = field(default="logsnr", validator=choice(*SPACINGS))
     default_steps: int | None = 10
+    variant: str = field(default="bh2", validator=choice("bh1", "bh2"))
     name: str = field(default="unipc", init=False)
 
     def plan(self, schedule: Schedule, steps: int) -> Plan:
@@ -118,14 +126,14 @@ class UniPC:
         for k in range(1, S):  # UniC: corrects x_k with the call at x_k, using the step k−1 → k
             h = lam[k] - lam[k - 1]
             h_phi_1 = np.expm1(-h)
-            K = al[k] * np.expm1(-h)  # α_k·B(h)
+            K = al[k] * _unipc_B(h, self.variant)  # α_k·B(h)
             cc_xl[k] = si[k] / si[k - 1]
             base_m = -al[k] * h_phi_1
             if p_order[k - 1] == 1:  # ρ = 1/2
                 cc_m[k], cc_ml[k] = -K * 0.5, base_m + K * 0.5
             else:
                 rk = (lam[k - 2] - lam[k - 1]) / h
-                rho = _unipc_rhos_c(rk, h)  # x_c = base − K(ρ0·D1 + ρ1·(m − m_last)), D1 = (m_prev − m_last)/rk
+                rho = _unipc_rhos_c(rk, h, self.variant)  # x_c = base − K(ρ0·D1 + ρ1·(m − m_last)), D1 = (m_prev − m_last)/rk
                 cc_m[k] = -K * rho[1]
                 cc_ml[k] = base_m + K * rho[0] / rk + K * rho[1]
                 cc_mp[k] = -K * rho[0] / rk
@@ -135,7 +143,7 @@ class UniPC:
             if p_order[k] == 2:
                 h = lam[k + 1] - lam[k]
                 rk = (lam[k - 1] - lam[k]) / h
-                c = al[k + 1] * np.expm1(-h) * 0.5 / rk  # − α B(h)·½·D1, D1 = (m_last − m)/rk
+                c = al[k + 1] * _unipc_B(h, self.variant) * 0.5 / rk  # − α B(h)·½·D1, D1 = (m_last − m)/rk
                 pp_m[k] += c
                 pp_ml[k] = -c
         return Plan(t=g.t[:-1], steps=S, tables={

@@ -272,11 +272,12 @@ def test_euler_ancestral_is_k_diffusions():
     assert torch.allclose(got.double(), x, atol=2e-5)
 
 
-def test_unipc_is_the_bh2_predictor_corrector():
-    """UniPC-2 (bh2, x̂_0 form) written out as in Zhao et al. / diffusers: corrector with the new call, then
-    the predictor; first order at the first and the last step."""
+@pytest.mark.parametrize("variant", ["bh2", "bh1"])
+def test_unipc_is_the_predictor_corrector(variant):
+    """UniPC-2 (x̂_0 form; B(h) = e^{−h} − 1 for bh2, −h for bh1) written out as in Zhao et al. / diffusers:
+    corrector with the new call, then the predictor; first order at the first and the last step."""
     sched = toolkit.create("schedule", "cosine", num_timesteps=1000)
-    solver = toolkit.create("sampler", "unipc", clip_x0=False, spacing="uniform")
+    solver = toolkit.create("sampler", "unipc", clip_x0=False, spacing="uniform", variant=variant)
     S = 6
     got, _, x_T = sample(solver, sched, S)
     ts = list(solver.plan(sched, S).t.numpy()) + [-1.0]
@@ -288,7 +289,7 @@ def test_unipc_is_the_bh2_predictor_corrector():
         m = (x - sg[k] * _eps64(x, ts[k])) / al[k]
         if k > 0:  # UniC with the order of the previous predictor
             h = lam[k] - lam[k - 1]
-            hh, B = -h, math.expm1(-h)
+            hh, B = -h, (math.expm1(-h) if variant == "bh2" else -h)
             base = sg[k] / sg[k - 1] * last - al[k] * math.expm1(hh) * ms[-1]
             if orders[-1] == 1:
                 x = base - al[k] * B * 0.5 * (m - ms[-1])
@@ -311,7 +312,8 @@ def test_unipc_is_the_bh2_predictor_corrector():
         x_new = sg[k + 1] / sg[k] * x - al[k + 1] * math.expm1(-h) * m
         if order == 2:
             rk = (lam[k - 1] - lam[k]) / h
-            x_new = x_new - al[k + 1] * math.expm1(-h) * 0.5 * (ms[-2] - m) / rk
+            B = math.expm1(-h) if variant == "bh2" else -h
+            x_new = x_new - al[k + 1] * B * 0.5 * (ms[-2] - m) / rk
         x = x_new
     assert torch.allclose(got.double(), x, atol=2e-5)
 
