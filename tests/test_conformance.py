@@ -103,3 +103,28 @@ def test_a_sampler_with_two_draws_per_step_conforms():
     check_sampler(TwoDraws())
     sched = toolkit.create("schedule", "linear", num_timesteps=100)
     assert TwoDraws().plan(sched, 5).noise_slots == 10
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda x: None, "must return (x, state)"),
+    (lambda x: (x[:1], ()), "returned x of shape"),
+    (lambda x: 1 / 0, "failed in step 0: ZeroDivisionError"),
+])
+def test_a_misbehaving_plugin_step_is_named(bad, message):
+    """A plugin step that returns nothing, the wrong shape, or raises: one clear error naming it."""
+    class Bad:
+        name = "bad-step"
+
+        def plan(self, schedule, steps):
+            return toolkit.create("sampler", "ddim").plan(schedule, steps)
+
+        def init_state(self, x_T, plan):
+            return ()
+
+        def step(self, model_fn, x, state, i, plan, noise):
+            return bad(x)
+
+    pipe = toolkit.Pipeline(schedule=toolkit.create("schedule", "cosine", num_timesteps=1000),
+                            predictor=toolkit.load_checkpoint("digits").model, sampler=Bad(), steps=3)
+    with pytest.raises(toolkit.ToolkitError, match=r"sampler 'bad-step'.*" + message.replace("(", r"\(").replace(")", r"\)")):
+        pipe.sample(2)

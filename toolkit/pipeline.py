@@ -239,6 +239,9 @@ class Pipeline:
             else:  # plugin API 1: the sampler's own loop
                 x0 = sampler.sample(self.model_fn(yb, sb), self.schedule, x_T, steps=self.steps,
                                     noise_fn=lambda i, s=streams: s.draw(), progress=progress)
+                if not isinstance(x0, Tensor) or x0.shape != x_T.shape:
+                    got = tuple(x0.shape) if isinstance(x0, Tensor) else type(x0).__name__
+                    raise ToolkitError(f"sampler {sampler.name!r}: sample() returned {got}, expected {tuple(x_T.shape)}")
             if self.latent is not None:
                 x0 = self.latent.decode(x0)
             if not torch.isfinite(x0).all():

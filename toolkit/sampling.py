@@ -213,6 +213,7 @@ def run_plan(sampler: Sampler, model_fn: ModelFn, plan: Plan, x_T: Tensor, *, no
     D = plan.draws_per_step
     if D and noise_fn is None:
         raise ToolkitError(f"sampler {getattr(sampler, 'name', '?')!r} draws noise: give a noise_fn")
+    name = getattr(sampler, "name", type(sampler).__name__)
     x = x_T
     state = tuple(sampler.init_state(x_T, plan))
     for i in range(len(plan)):
@@ -221,8 +222,18 @@ def run_plan(sampler: Sampler, model_fn: ModelFn, plan: Plan, x_T: Tensor, *, no
             noise = noise_fn(i)
             if tuple(noise.shape) != (D, *x.shape):
                 raise ToolkitError(f"noise_fn({i}) returned shape {tuple(noise.shape)}, expected {(D, *x.shape)}")
-        x, state = sampler.step(model_fn, x, state, torch.tensor(i), plan, noise)
-        state = tuple(state)
+        try:
+            result = sampler.step(model_fn, x, state, torch.tensor(i), plan, noise)
+        except ToolkitError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a plugin's step: name it and the step, not a traceback
+            raise ToolkitError(f"sampler {name!r} failed in step {i}: {type(exc).__name__}: {exc}") from exc
+        if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], Tensor)):
+            raise ToolkitError(f"sampler {name!r}: step must return (x, state), got {type(result).__name__}")
+        x, state = result[0], tuple(result[1])
+        if x.shape != x_T.shape or x.dtype != x_T.dtype:
+            raise ToolkitError(f"sampler {name!r}: step {i} returned x of shape {tuple(x.shape)} and {x.dtype}, "
+                               f"expected {tuple(x_T.shape)} and {x_T.dtype}")
         if progress is not None:
             progress(1)
     return x
