@@ -208,3 +208,13 @@ def test_small_budget_trains_one_step_per_thousand(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     cfg = json.loads((tmp_path / "b" / "config.json").read_text())
     assert cfg["training"]["config"]["steps"] == 3
+
+
+def test_a_diverged_run_never_saves_over_a_good_checkpoint(tmp_path):
+    out = tmp_path / "ck"
+    tiny = ["--model-option", "base_channels=8", "--model-option", "attention_heads=2", "--batch-size", 8]
+    assert run("train", *tiny, "--steps", 2, "--out", out).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    one_line_error(run("train", *tiny, "--steps", 3, "--checkpoint-every", 1, "--lr", "inf", "--out", out,
+                       "--overwrite"), "training diverged")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -331,6 +331,10 @@ def train(
         return config.lr * min(1.0, (step + 1) / max(1, config.warmup))
 
     def save(step: int, loss: float, elapsed: float) -> None:
+        for name, tensor in [*model.state_dict().items(), *(("ema." + k, v) for k, v in ema.module.state_dict().items())]:
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):  # never save a diverged model
+                raise ToolkitError(f"training diverged before step {step}: {name} is not finite; nothing was saved "
+                                   f"(the checkpoint at {str(out)!r}, if any, is as it was); lower --lr")
         options = {**config.model_options, "sample_shape": list(data.sample_shape), "num_classes": model.num_classes}
         if autoencoder:
             options.pop("num_classes")
