@@ -133,3 +133,24 @@ def test_factory_not_following_protocol(fresh_registry):
 def test_entries_record_distribution():
     entry = toolkit.registry.get_registry().lookup("sampler", "ddim")
     assert entry.dist == "diffusion-toolkit" and entry.version == md.version("diffusion-toolkit")
+
+
+class ExitingEntryPoint(BrokenEntryPoint):
+    name = "exits"
+
+    def load(self):
+        raise SystemExit(3)
+
+
+def test_a_plugin_that_exits_at_import_or_in_a_hook_is_contained(fresh_registry, monkeypatch):
+    real = fresh_registry._entry_points
+    monkeypatch.setattr(fresh_registry, "_entry_points", lambda: [ExitingEntryPoint(), *real()])
+
+    def reg(register):
+        raise SystemExit("bye")
+
+    fresh_registry.register_plugin(plugin(register_samplers=reg), "exits-in-hook", dist="exit-dist")
+    with pytest.warns(RuntimeWarning, match="exits"):
+        names = toolkit.available("sampler")
+    assert names == SAMPLERS
+    assert {f.plugin for f in fresh_registry.get_registry().failures} == {"broken-dist:exits", "exits-in-hook"}

@@ -132,7 +132,8 @@ def _build() -> Registry:
         try:
             module = ep.load()
             pm.register(module, name=f"{dist}:{ep.name}")
-        except Exception as exc:  # noqa: BLE001 - isolate any failure of a third-party plugin
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - isolate any failure of a third-party plugin,
+            # sys.exit() at import included (it would end every command silently)
             _fail(failures, f"{dist}:{ep.name}", dist, version, exc)
             continue
         owners[f"{dist}:{ep.name}"] = (dist, version)
@@ -180,7 +181,7 @@ def _build() -> Registry:
 
             try:
                 impl.function(register=register)
-            except Exception as exc:  # noqa: BLE001 - a hook that raises is isolated
+            except (Exception, SystemExit) as exc:  # noqa: BLE001 - a hook that raises (or exits) is isolated
                 _fail(failures, plugin_name, dist, version, exc)
                 continue
             registry.entries[kind].extend(added)
