@@ -218,3 +218,22 @@ def test_a_diverged_run_never_saves_over_a_good_checkpoint(tmp_path):
     one_line_error(run("train", *tiny, "--steps", 3, "--checkpoint-every", 1, "--lr", "inf", "--out", out,
                        "--overwrite"), "training diverged")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def _refuses_new_files(folder: str) -> bool:
+    import tempfile
+
+    try:
+        fd, name = tempfile.mkstemp(dir=folder)
+    except OSError:
+        return True
+    os.close(fd)
+    os.unlink(name)
+    return False
+
+
+@pytest.mark.skipif(not _refuses_new_files("/sys"), reason="needs a folder this process cannot write to")
+def test_a_write_failure_is_one_line():
+    """An OSError while writing (here /sys, which refuses new files even to root) is one line and exit 2."""
+    r = run("compose", "-n", 2, "--steps", 2, "--out", "/sys/x.npy")
+    one_line_error(r, "cannot write /sys/")

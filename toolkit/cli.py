@@ -73,6 +73,19 @@ def _rank_prefix() -> str:
     return f"rank {os.environ.get('RANK', '0')}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
+def _os_error(exc: OSError) -> str:
+    """One line for an OSError: what could not be done to which path, and the system's reason."""
+    import errno
+
+    reason = exc.strerror or str(exc)
+    path = exc.filename2 or exc.filename
+    if path is None:
+        return reason
+    writing = exc.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EISDIR, errno.EEXIST, errno.EACCES,
+                            errno.EPERM, errno.ENOTDIR)
+    return f"cannot {'write' if writing else 'use'} {path}: {reason}"
+
+
 class ToolkitGroup(click.Group):
     """Turns a user error (ours or click's) into one line on stderr and exit status 2."""
 
@@ -89,6 +102,9 @@ class ToolkitGroup(click.Group):
             sys.exit(2)
         except ToolkitError as exc:
             click.echo(f"{_rank_prefix()}error: {exc}", err=True)
+            sys.exit(2)
+        except OSError as exc:  # a full disk, a read-only folder, a directory where a file should go...
+            click.echo(f"{_rank_prefix()}error: {_os_error(exc)}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
