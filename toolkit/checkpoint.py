@@ -44,6 +44,66 @@ class Checkpoint:
         return self.config.get("kind", "noise_predictor")
 
 
+def _fsync_tree(folder: Path) -> None:
+    """Every file of a new checkpoint on disk before it replaces the old one."""
+    for f in folder.iterdir():
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE); False where that is not available."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    return False  # e.g. a file system without RENAME_EXCHANGE: fall back to two renames
+
+
+def recover(path: str | os.PathLike) -> Path:
+    """Put back a checkpoint stranded by a kill between the two renames of a write (``.NAME.old-PID`` of a
+    process that is gone, and no ``NAME``); stale temporary folders of dead writers are removed."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        return path
+    for leftover in sorted(parent.glob(f".{path.name}.*-*")):
+        kind, _, rest = leftover.name[len(path.name) + 2:].partition("-")
+        pid = rest.split("-")[0]
+        if kind not in ("old", "tmp") or not pid.isdigit() or not leftover.is_dir() or _alive(int(pid)):
+            continue
+        if kind == "old" and not path.exists():
+            os.rename(leftover, path)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+    return path
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def write_checkpoint(path: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor],
                      extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write config.json and model.safetensors (and extra .safetensors files) atomically."""
@@ -52,7 +112,7 @@ def write_checkpoint(path: str | os.PathLike, config: dict[str, Any], tensors: d
     if not parent.is_dir():
         raise ToolkitError(f"output folder {str(parent)!r} does not exist")
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, **config}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=parent))
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS))
         for name, group in (extra or {}).items():
@@ -65,13 +125,17 @@ def write_checkpoint(path: str | os.PathLike, config: dict[str, Any], tensors: d
         os.chmod(tmp, umask_mode(0o777))  # mkdtemp makes 0700
         for f in tmp.iterdir():
             os.chmod(f, umask_mode(0o666))
-        old = None
-        if path.exists():
-            old = parent / f".{path.name}.old-{os.getpid()}"
-            os.rename(path, old)
-        os.rename(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _fsync_tree(tmp)
+        if path.exists() and _exchange(tmp, path):  # Linux: one atomic swap, old or new at every instant
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old version
+        else:
+            old = None
+            if path.exists():  # elsewhere: two renames; a kill between them is undone by recover()
+                old = parent / f".{path.name}.old-{os.getpid()}-{os.urandom(4).hex()}"
+                os.rename(path, old)
+            os.rename(tmp, path)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -89,7 +153,7 @@ def weights_fingerprint(state: dict[str, torch.Tensor]) -> str:
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """config.json of a checkpoint directory, with clear errors for what is missing or corrupt."""
-    path = Path(path)
+    path = recover(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     if not path.is_dir():
@@ -168,6 +232,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     """A directory path, or the name of a shipped pretrained checkpoint (``toolkit plugins``)."""
     path = Path(name_or_path)
+    if os.sep in str(name_or_path) or str(name_or_path).startswith(".") or not path.exists():
+        recover(path)
     if path.exists() or os.sep in str(name_or_path) or str(name_or_path).startswith("."):
         return path
     from toolkit.registry import available, get_registry

@@ -253,6 +253,7 @@ def train(
     if config.batch_size % world.size:
         raise ToolkitError(f"--batch-size {config.batch_size} (the global batch) must divide evenly over "
                            f"{world.size} processes")
+    checkpoint.recover(out)  # a checkpoint stranded by a killed writer is put back first
     if out.exists() and not resume and not overwrite:
         raise ToolkitError(f"{str(out)!r} already exists; pass --resume to continue it or --overwrite")
     if out.exists() and overwrite and not resume:  # --overwrite replaces a checkpoint, never other files

@@ -1,0 +1,62 @@
+"""Nothing lost: checkpoint writes are atomic swaps, a write killed between its renames is recovered,
+temporary folders of dead writers are cleaned (issue 14)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+import toolkit
+from helpers import run
+from toolkit import checkpoint
+
+TINY = ["--model-option", "base_channels=8", "--model-option", "attention_heads=2", "--batch-size", 8]
+
+
+def dead_pid() -> int:
+    """The PID of a process that has exited."""
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_rewriting_a_checkpoint_leaves_only_the_new_one(tmp_path):
+    out = tmp_path / "ck"
+    checkpoint.write_checkpoint(out, {"kind": "noise_predictor", "n": 1}, {"w": torch.zeros(2)})
+    checkpoint.write_checkpoint(out, {"kind": "noise_predictor", "n": 2}, {"w": torch.ones(2)})
+    assert json.loads((out / "config.json").read_text())["n"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_a_write_killed_between_its_renames_is_recovered(tmp_path):
+    """The old checkpoint renamed away, the new one never renamed in (a kill at that instant): the next
+    read, resume or compose puts the old one back instead of reporting that nothing exists."""
+    out = tmp_path / "ck"
+    assert run("train", *TINY, "--steps", 2, "--out", out).exit_code == 0
+    pid = dead_pid()
+    os.rename(out, tmp_path / f".ck.old-{pid}")
+    (tmp_path / f".ck.tmp-{pid}-abcd").mkdir()  # the dead writer's half-written new version
+    r = run("train", *TINY, "--steps", 3, "--out", out, "--resume")
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "config.json").read_text())["training"]["step"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_compose_recovers_a_stranded_checkpoint(tmp_path):
+    out = tmp_path / "ck"
+    assert run("train", *TINY, "--steps", 2, "--out", out).exit_code == 0
+    os.rename(out, tmp_path / f".ck.old-{dead_pid()}")
+    r = run("compose", "--model", out, "--steps", 2, "-n", 2, "--out", tmp_path / "x.npy")
+    assert r.exit_code == 0, r.output
+    assert toolkit.load_checkpoint(out).config["training"]["step"] == 2
+
+
+def test_a_live_writers_folders_are_left_alone(tmp_path):
+    out = tmp_path / "ck"
+    checkpoint.write_checkpoint(out, {"kind": "noise_predictor"}, {"w": torch.zeros(2)})
+    mine = tmp_path / f".ck.tmp-{os.getpid()}-x"
+    mine.mkdir()
+    checkpoint.recover(out)
+    assert mine.is_dir()
