@@ -60,3 +60,48 @@ def test_a_live_writers_folders_are_left_alone(tmp_path):
     mine.mkdir()
     checkpoint.recover(out)
     assert mine.is_dir()
+
+
+def test_two_writers_of_one_checkpoint(tmp_path):
+    """A second training run into an --out that another process is writing fails at once, naming it."""
+    from helpers import one_line_error
+    from toolkit.locks import output_lock
+
+    out = tmp_path / "ck"
+    with output_lock(out):
+        one_line_error(run("train", *TINY, "--steps", 2, "--out", out), "being written by another toolkit process")
+    assert not out.exists()
+    assert run("train", *TINY, "--steps", 2, "--out", out).exit_code == 0  # released: the next run goes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_a_concurrent_process_is_refused(tmp_path):
+    """Two real processes: the second finds the first's lock (flock is per open file, not per process tree)."""
+    out = tmp_path / "ck"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from toolkit.locks import output_lock\n"
+        f"with output_lock({str(out)!r}):\n"
+        "    print('held', flush=True)\n"
+        "    time.sleep(30)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = subprocess.run([sys.executable, "-m", "toolkit", "train", *map(str, TINY), "--steps", "1", "--out", str(out)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and f"pid {holder.pid}" in r.stderr, r.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_compose_and_export_take_the_lock_of_their_output(tmp_path):
+    from helpers import one_line_error
+    from toolkit.locks import output_lock
+
+    for args, out in ((["compose", "-n", 2, "--steps", 2], tmp_path / "x.npy"),
+                      (["export", "onnx", "--steps", 2], tmp_path / "g.onnx")):
+        with output_lock(out):
+            one_line_error(run(*args, "--out", out), "being written by another toolkit process")
+        assert not out.exists()
+    assert run("compose", "-n", 2, "--steps", 2, "--out", tmp_path / "x.npy").exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]

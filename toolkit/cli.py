@@ -73,6 +73,15 @@ def _rank_prefix() -> str:
     return f"rank {os.environ.get('RANK', '0')}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
+def _hold_output_lock(path) -> None:
+    """Hold the output lock of ``path`` until the command ends (a second writer fails at once)."""
+    from toolkit.locks import output_lock
+
+    lock = output_lock(path)
+    lock.__enter__()
+    click.get_current_context().call_on_close(lambda: lock.__exit__(None, None, None))
+
+
 def _os_error(exc: OSError) -> str:
     """One line for an OSError: what could not be done to which path, and the system's reason."""
     import errno
@@ -385,6 +394,7 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
         raise ToolkitError("sharded sampling (--out FOLDER/ or torchrun) uses --backend torch")
     if not sharded:
         check_output(out)
+        _hold_output_lock(out)
     if n < 1:
         raise ToolkitError(f"-n must be positive, got {n}")
     from toolkit import budget
@@ -472,6 +482,7 @@ def merge_cmd(folder, out) -> None:
     from toolkit.shards import merge
 
     check_output(out)
+    _hold_output_lock(out)
     samples = merge(folder)
     save_samples(samples, out)
     click.echo(f"wrote {out} ({len(samples)} samples)")
@@ -538,6 +549,7 @@ def export_onnx_cmd(model, component, schedule, sampler, steps, eta, spacing, va
         raise ToolkitError(f"--out must be a .onnx file, got {out!r}")
     if not Path(out).parent.resolve().is_dir():
         raise ToolkitError(f"output folder {str(Path(out).parent)!r} does not exist")
+    _hold_output_lock(out)
     options, guidance_options = sampler_and_guidance_options(sampler_options, eta, spacing, variance, guidance,
                                                              scale, classifier)
     t0 = time.perf_counter()

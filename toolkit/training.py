@@ -237,6 +237,32 @@ def train(
     """
     out = Path(out)
     parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir() or not distributed.world_from_env().main:  # rank 0 writes, and holds the lock
+        return _train(config, out, resume=resume, overwrite=overwrite, device=device, quiet=quiet, command=command,
+                      progress=progress, precision=precision, compile=compile)
+    from toolkit.locks import output_lock
+
+    with output_lock(out):  # one writer per checkpoint: a second run into the same --out fails at once
+        return _train(config, out, resume=resume, overwrite=overwrite, device=device, quiet=quiet, command=command,
+                      progress=progress, precision=precision, compile=compile)
+
+
+def _train(
+    config: TrainConfig,
+    out: str | os.PathLike,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str | torch.device = "cpu",
+    quiet: bool = False,
+    command: str | None = None,
+    progress: Callable[[int, float, float], None] | None = None,
+    precision: str = "fp32",
+    compile: bool = False,
+) -> TrainResult:
+    """The body of ``train``, run by every rank (rank 0 under the output lock)."""
+    out = Path(out)
+    parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise ToolkitError(f"output folder {str(parent)!r} does not exist")
     from toolkit import budget
