@@ -105,3 +105,15 @@ def test_compose_and_export_take_the_lock_of_their_output(tmp_path):
         assert not out.exists()
     assert run("compose", "-n", 2, "--steps", 2, "--out", tmp_path / "x.npy").exit_code == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]
+
+
+def test_resume_is_exact_with_dropout(tmp_path):
+    """4 steps in one run equal 2 + 2 with a resume, dropout included (its RNG is per step, not carried)."""
+    from safetensors.torch import load_file
+
+    opts = [*TINY, "--model-option", "dropout=0.3", "--checkpoint-every", 2]
+    assert run("train", *opts, "--steps", 4, "--out", tmp_path / "one").exit_code == 0
+    assert run("train", *opts, "--steps", 2, "--out", tmp_path / "two").exit_code == 0
+    assert run("train", *opts, "--steps", 4, "--out", tmp_path / "two", "--resume").exit_code == 0
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

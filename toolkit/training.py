@@ -429,6 +429,8 @@ def _train(
                             y_all[idx.to(device)])
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
+        # dropout (and any other draw of the global RNG) depends on (seed, step, rank) alone: resume is exact
+        torch.manual_seed(sample_seed(config.seed, (step << 16) + world.rank))
         with autocast:
             if autoencoder:
                 loss = loss_autoencoder(net, x0, noise_z[rows].to(device))
