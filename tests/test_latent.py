@@ -180,3 +180,20 @@ def test_solvers_in_latent_space(tiny_latent_model, tmp_path, sampler):
     assert r.exit_code == 0, r.output
     x = np.load(out)
     assert x.shape == (4, 1, 8, 8) and np.isfinite(x).all()
+
+
+def test_resume_refuses_a_retrained_autoencoder(tiny_ae, tmp_path):
+    """The autoencoder at the recorded path was retrained: resuming must refuse, not re-record its fingerprint."""
+    import shutil
+
+    ae = tmp_path / "ae"
+    shutil.copytree(tiny_ae, ae)
+    lat = tmp_path / "lat"
+    assert run("train", "--latent", ae, *TINY, "--steps", 2, "--batch-size", 16, "--out", lat).exit_code == 0
+    recorded = json.loads((lat / "config.json").read_text())["latent"]["fingerprint"]
+    r = run("train-autoencoder", "--steps", 2, "--batch-size", 32, "--model-option", "base_channels=8",
+            "--out", ae, "--overwrite", "-q", "--seed", 7)
+    assert r.exit_code == 0, r.output
+    one_line_error(run("train", "--latent", ae, *TINY, "--steps", 3, "--batch-size", 16, "--out", lat, "--resume"),
+                   "was trained with autoencoder")
+    assert json.loads((lat / "config.json").read_text())["latent"]["fingerprint"] == recorded

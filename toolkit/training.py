@@ -319,6 +319,10 @@ def _train(
         from toolkit.latent import encode_dataset, load_latent
 
         latent = load_latent(config.latent, device)
+        if resume:  # the latents must mean what they meant: same autoencoder, never re-recorded
+            from toolkit.latent import check_pairing
+
+            check_pairing(saved, latent)
         pixels = data
         data = encode_dataset(latent, data, device)  # once, kept in memory
     schedule = create("schedule", config.schedule, num_timesteps=config.num_timesteps)
