@@ -162,3 +162,27 @@ def _environ(pid):
             return b"\x00" + fh.read()
     except OSError:
         return b""
+
+
+def _rank(rank: int, world: int, *args):
+    env = {**ENV, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)}
+    return subprocess.run([sys.executable, "-m", "toolkit", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def test_merge_refuses_shards_of_two_runs(tmp_path):
+    """Ranks started with different seeds write shards of two runs: merge refuses them (it joined them before);
+    a shard replaced after the run is refused too; the shards of one run still merge."""
+    mixed, good = f"{tmp_path / 'mixed'}/", f"{tmp_path / 'good'}/"
+    for rank in (0, 1):
+        assert _rank(rank, 2, "compose", "-n", 6, "--steps", 3, "--seed", rank, "--out", mixed, "-q").returncode == 0
+        assert _rank(rank, 2, "compose", "-n", 6, "--steps", 3, "--seed", 0, "--out", good, "-q").returncode == 0
+    r = single("merge", mixed, "--out", tmp_path / "m.npy")
+    assert r.returncode == 2 and "belongs to another run" in r.stderr, r.stderr
+    assert single("merge", good, "--out", tmp_path / "g.npy").returncode == 0
+    assert np.load(tmp_path / "g.npy").shape == (6, 1, 8, 8)
+    shard = tmp_path / "good" / "shard-00001-of-00002.npy"
+    np.save(shard, np.zeros_like(np.load(shard)))
+    r = single("merge", good, "--out", tmp_path / "g2.npy")
+    assert r.returncode == 2 and "changed or replaced" in r.stderr, r.stderr
+    assert not (tmp_path / "m.npy").exists() and not (tmp_path / "g2.npy").exists()

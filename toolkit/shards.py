@@ -18,6 +18,22 @@ from toolkit.files import atomic_write
 INDEX = "index.json"
 
 
+def run_id(n: int, seed: int, labels: Sequence[int] | None, world_size: int, scale: Any, shape,
+           meta: dict[str, Any] | None) -> str:
+    """What every rank of one run agrees on (settings, not time): shards of another run cannot pass for it."""
+    import hashlib
+
+    text = json.dumps([n, seed, None if labels is None else list(labels), world_size, scale, list(shape),
+                       (meta or {}).get("command")], default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _digest(arr: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()[:16]
+
+
 def shard_name(rank: int, size: int) -> str:
     return f"shard-{rank:05d}-of-{size:05d}.npy"
 
@@ -48,14 +64,17 @@ def sample_shard(pipe, out: str | os.PathLike, n: int, seed: int, labels: Sequen
         arr = x.to(torch.float32).numpy()
     else:
         arr = np.zeros((0, *pipe.output_shape), np.float32)
+    run = run_id(n, seed, labels, world.size, scale, pipe.output_shape, meta)
     atomic_write(path, lambda tmp: np.save(tmp, arr))
+    side = json.dumps({"run": run, "rank": world.rank, "start": start, "stop": stop, "sha256": _digest(arr)})
+    atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(side))
     if world.main:
         shards = []
         for r in range(world.size):
             a, b = shard(n, World(r, world.size))
             shards.append({"file": shard_name(r, world.size), "start": a, "stop": b})
         index = {"n": n, "seed": seed, "world_size": world.size, "shape": list(pipe.output_shape),
-                 "shards": shards, **(meta or {})}
+                 "run": run, "shards": shards, **(meta or {})}
         text = json.dumps(index, indent=2)
         atomic_write(folder / INDEX, lambda tmp: Path(tmp).write_text(text))
     return path
@@ -79,6 +98,18 @@ def merge(folder: str | os.PathLike) -> torch.Tensor:
         if not file.is_file():
             raise ToolkitError(f"shard {s['file']} is missing from {str(folder)!r} (did that rank finish?)")
         arr = np.load(file)
+        if index.get("run") is not None:  # since run ids: every shard must be of this run, and unchanged
+            side = file.with_suffix(".json")
+            try:
+                info = json.loads(side.read_text())
+            except (OSError, ValueError):
+                raise ToolkitError(f"shard {s['file']} has no readable {side.name}: cannot tell which run it "
+                                   "belongs to") from None
+            if info.get("run") != index["run"] or (info.get("start"), info.get("stop")) != (s["start"], s["stop"]):
+                raise ToolkitError(f"shard {s['file']} belongs to another run (other seed, samples or settings) "
+                                   f"than {INDEX}: refusing to mix runs")
+            if info.get("sha256") != _digest(arr):
+                raise ToolkitError(f"shard {s['file']} was changed or replaced after its run wrote it")
         if arr.shape != (s["stop"] - s["start"], *shape):
             raise ToolkitError(f"shard {s['file']} holds {list(arr.shape)}, expected "
                                f"{[s['stop'] - s['start'], *shape]}")
