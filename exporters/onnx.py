@@ -474,12 +474,58 @@ def _fingerprint(pipeline: Pipeline, layout: str) -> str:
     return h.hexdigest()[:24]
 
 
+def _private_dir(folder: Path) -> Path:
+    """The cache folder, made 0700 if new; refused unless it belongs to this user and no one else can write it
+    (a graph planted there would run as this user's sampler)."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not hasattr(os, "getuid"):
+        return folder
+    for part in (folder, folder.parent):
+        st = part.stat()
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+            raise ToolkitError(f"refusing the ONNX cache {str(folder)!r}: {str(part)!r} belongs to another user or "
+                               "others can write to it; set TOOLKIT_CACHE_DIR to a private folder")
+    return folder
+
+
+def _digest_file(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _cache_entry_ok(path: Path, pipeline: Pipeline, layout: str) -> bool:
+    """A cached graph is used only when its recorded hash matches its bytes and its metadata is the pipeline's."""
+    onnx = _onnx()
+    digest = path.with_suffix(".sha256")
+    try:
+        if digest.read_text().strip() != _digest_file(path):
+            return False
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - unreadable or corrupt: export again
+        return False
+    meta = {p.key: p.value for p in model.metadata_props}
+    want = sampler_metadata(pipeline, layout, json.loads(meta.get("inputs", "[]")))
+    return all(meta.get(k) == v for k, v in want.items())
+
+
 def cached_sampler_graph(pipeline: Pipeline, layout: str = DEFAULT_LAYOUT) -> Path:
-    """The pipeline's sampler graph from the cache, exported there first if it is not yet."""
-    path = cache_dir() / f"{pipeline.sampler.name}-{pipeline.steps}-{_fingerprint(pipeline, layout)}.onnx"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
+    """The pipeline's sampler graph from the cache, exported there first if it is not yet.
+
+    Trust model: the cache folder must be this user's and not writable by others; each entry's SHA-256 is
+    recorded beside it and checked, and its metadata must describe this very pipeline (sampler, options,
+    steps, time grid, schedule, guidance, shapes), else it is exported again.
+    """
+    folder = _private_dir(cache_dir())
+    path = folder / f"{pipeline.sampler.name}-{pipeline.steps}-{_fingerprint(pipeline, layout)}.onnx"
+    if not (path.is_file() and _cache_entry_ok(path, pipeline, layout)):
         export_sampler(pipeline, path, layout=layout)
+        digest = _digest_file(path)
+        atomic_write(path.with_suffix(".sha256"), lambda tmp: Path(tmp).write_text(digest + "\n"))
     return path
 
 

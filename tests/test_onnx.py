@@ -250,3 +250,28 @@ def test_a_v1_sampler_with_its_own_loop_is_refused(tmp_path, fresh_registry):
     one_line_error(run("export", "onnx", "--sampler", "halved", "--steps", 4, "--out", tmp_path / "h.onnx"),
                    "own sample() loop")
     assert not (tmp_path / "h.onnx").exists()
+
+
+def test_the_onnx_cache_trusts_nothing_it_did_not_check(tmp_path, monkeypatch):
+    """A graph planted under a cached name (a 3-step graph as the 10-step one, digest and all) and a corrupt
+    entry are exported again, never run; a cache folder others can write to is refused."""
+    import shutil
+
+    monkeypatch.setenv("TOOLKIT_CACHE_DIR", str(tmp_path / "cache"))
+    common = ["-n", 3, "--class", "2", "--seed", 1, "--steps", 10]
+    ref, got = tmp_path / "ref.npy", tmp_path / "got.npy"
+    assert run("compose", *common, "--out", ref).exit_code == 0
+    assert run("compose", "--backend", "onnxruntime", *common, "--out", got).exit_code == 0
+    (entry,) = (tmp_path / "cache" / "onnx").glob("ddim-10-*.onnx")
+    planted = export_sampler(toolkit.compose(steps=3), tmp_path / "three.onnx")
+    shutil.copy(planted, entry)
+    from toolkit.exporters.onnx import _digest_file
+
+    entry.with_suffix(".sha256").write_text(_digest_file(entry) + "\n")
+    assert run("compose", "--backend", "onnxruntime", *common, "--out", got).exit_code == 0
+    assert np.abs(np.load(ref) - np.load(got)).max() < 1e-4  # the planted graph did not run
+    entry.write_bytes(entry.read_bytes()[:1000])  # a corrupt entry: exported again
+    assert run("compose", "--backend", "onnxruntime", *common, "--out", got).exit_code == 0
+    assert np.abs(np.load(ref) - np.load(got)).max() < 1e-4
+    os.chmod(tmp_path / "cache" / "onnx", 0o777)
+    one_line_error(run("compose", "--backend", "onnxruntime", *common, "--out", got), "refusing the ONNX cache")
