@@ -5,6 +5,7 @@ a clean-data classifier whose features the Fréchet distance of `toolkit evaluat
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import time
@@ -214,6 +215,23 @@ def loss_classifier(model: nn.Module, schedule, x0: Tensor, t: Tensor, noise: Te
     return F.cross_entropy(model(diffusion.q_sample(schedule, x0, t, noise), t), y)
 
 
+def _holding_output_lock(fn):
+    """Rank 0 holds the output lock of ``out`` for the whole run: a second run into the same --out fails at once."""
+    @functools.wraps(fn)
+    def wrapper(config: TrainConfig, out: str | os.PathLike, **options):
+        out = Path(out)
+        parent = out.parent if str(out.parent) else Path(".")
+        if not parent.is_dir() or not distributed.world_from_env().main:
+            return fn(config, out, **options)
+        from toolkit.locks import output_lock
+
+        with output_lock(out):
+            return fn(config, out, **options)
+
+    return wrapper
+
+
+@_holding_output_lock
 def train(
     config: TrainConfig,
     out: str | os.PathLike,
@@ -235,32 +253,6 @@ def train(
     ``precision`` bf16/fp16 trains under autocast (fp16 with a gradient scaler; CUDA only);
     ``compile`` runs the network through torch.compile.
     """
-    out = Path(out)
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir() or not distributed.world_from_env().main:  # rank 0 writes, and holds the lock
-        return _train(config, out, resume=resume, overwrite=overwrite, device=device, quiet=quiet, command=command,
-                      progress=progress, precision=precision, compile=compile)
-    from toolkit.locks import output_lock
-
-    with output_lock(out):  # one writer per checkpoint: a second run into the same --out fails at once
-        return _train(config, out, resume=resume, overwrite=overwrite, device=device, quiet=quiet, command=command,
-                      progress=progress, precision=precision, compile=compile)
-
-
-def _train(
-    config: TrainConfig,
-    out: str | os.PathLike,
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
-    device: str | torch.device = "cpu",
-    quiet: bool = False,
-    command: str | None = None,
-    progress: Callable[[int, float, float], None] | None = None,
-    precision: str = "fp32",
-    compile: bool = False,
-) -> TrainResult:
-    """The body of ``train``, run by every rank (rank 0 under the output lock)."""
     out = Path(out)
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
