@@ -186,3 +186,25 @@ def test_merge_refuses_shards_of_two_runs(tmp_path):
     r = single("merge", good, "--out", tmp_path / "g2.npy")
     assert r.returncode == 2 and "changed or replaced" in r.stderr, r.stderr
     assert not (tmp_path / "m.npy").exists() and not (tmp_path / "g2.npy").exists()
+
+
+def test_ranks_started_with_different_options_refuse(tmp_path):
+    """Two ranks of one run launched by hand with different --seed: each stops with one line naming the
+    difference (they used to train apart and exit 0)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = {**ENV, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        cmd = [sys.executable, "-m", "toolkit", "train", *map(str, TINY), "--steps", "2", "--batch-size", "8",
+               "--seed", str(rank), "--out", str(tmp_path / "run")]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = [p.communicate(timeout=240) for p in procs]
+    for rank, (p, (_, err)) in enumerate(zip(procs, results)):
+        assert p.returncode == 2, err[-2000:]
+        assert f"rank {rank}: error: rank 1 runs with seed=1 but rank 0 with seed=0" in err, err[-2000:]
+    assert not (tmp_path / "run").exists()

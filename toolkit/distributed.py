@@ -57,6 +57,21 @@ def init(device: torch.device) -> World:
     return world
 
 
+def check_same(settings: dict, world: World) -> None:
+    """Every rank must run with rank 0's settings (seed, batch, model, data, output...): compared at start-up,
+    so ranks launched with different options stop with one line each instead of training apart or hanging."""
+    if not world.distributed:
+        return
+    gathered: list = [None] * world.size
+    dist.all_gather_object(gathered, settings)
+    first = gathered[0]
+    for rank, other in enumerate(gathered):
+        if other != first:
+            key = next((k for k in sorted(set(first) | set(other)) if first.get(k) != other.get(k)), "?")
+            raise ToolkitError(f"rank {rank} runs with {key}={other.get(key)!r} but rank 0 with "
+                               f"{key}={first.get(key)!r}: start every rank with the same options")
+
+
 def local_device(device: torch.device, world: World) -> torch.device:
     """cuda → this rank's GPU (cuda:LOCAL_RANK); cpu stays cpu."""
     if device.type == "cuda" and world.distributed:

@@ -283,6 +283,8 @@ def train(
                                    "checkpoint (or an empty folder); choose another --out") from None
     world = distributed.init(device)
     device = distributed.local_device(device, world)
+    distributed.check_same({**config.to_json(), "out": str(out.resolve()), "resume": resume,
+                            "overwrite": overwrite, "precision": precision}, world)
     distributed.barrier(world)  # every rank has checked --out before rank 0 writes to it
 
     start_step = 0
