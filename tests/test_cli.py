@@ -237,3 +237,20 @@ def test_a_write_failure_is_one_line():
     """An OSError while writing (here /sys, which refuses new files even to root) is one line and exit 2."""
     r = run("compose", "-n", 2, "--steps", 2, "--out", "/sys/x.npy")
     one_line_error(r, "cannot write /sys/")
+
+
+def test_an_internal_error_is_one_line_unless_debugging(monkeypatch):
+    """A bug (here a predictor that raises) is one line and exit 1; TOOLKIT_DEBUG=1 lets the traceback through."""
+    import toolkit.pipeline
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something inside broke\nsecond line")
+
+    monkeypatch.setattr(toolkit.pipeline, "compose", broken)
+    monkeypatch.setattr(toolkit, "compose", broken, raising=False)
+    r = run("compose", "-n", 2, "--out", "x.npy")
+    assert r.exit_code == 1
+    assert r.stderr.strip() == "error: internal error: RuntimeError: something inside broke (TOOLKIT_DEBUG=1 shows the traceback)"
+    monkeypatch.setenv("TOOLKIT_DEBUG", "1")
+    r = run("compose", "-n", 2, "--out", "x.npy")
+    assert r.exit_code == 1 and isinstance(r.exception, RuntimeError)

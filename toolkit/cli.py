@@ -118,6 +118,15 @@ class ToolkitGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except Exception as exc:  # noqa: BLE001 - a bug, ours or a plugin's: one line unless asked for more
+            import os
+
+            if os.environ.get("TOOLKIT_DEBUG", "").strip() not in ("", "0"):
+                raise
+            text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            click.echo(f"{_rank_prefix()}error: internal error: {type(exc).__name__}"
+                       f"{': ' + text if text else ''} (TOOLKIT_DEBUG=1 shows the traceback)", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=ToolkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
