@@ -210,13 +210,23 @@ def test_small_budget_trains_one_step_per_thousand(tmp_path, monkeypatch):
     assert cfg["training"]["config"]["steps"] == 3
 
 
-def test_a_diverged_run_never_saves_over_a_good_checkpoint(tmp_path):
+def test_a_diverged_run_never_saves_over_a_good_checkpoint(tmp_path, monkeypatch):
+    """The optimizer makes a weight NaN (an injected fault: a finite --lr cannot be relied on to): the run
+    stops with one line and the good checkpoint it would have replaced is left byte for byte."""
     out = tmp_path / "ck"
     tiny = ["--model-option", "base_channels=8", "--model-option", "attention_heads=2", "--batch-size", 8]
     assert run("train", *tiny, "--steps", 2, "--out", out).exit_code == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    one_line_error(run("train", *tiny, "--steps", 3, "--checkpoint-every", 1, "--lr", "inf", "--out", out,
-                       "--overwrite"), "training diverged")
+    step = torch.optim.AdamW.step
+
+    def diverging(self, *args, **kwargs):
+        result = step(self, *args, **kwargs)
+        self.param_groups[0]["params"][0].data.fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", diverging)
+    one_line_error(run("train", *tiny, "--steps", 3, "--checkpoint-every", 1, "--out", out, "--overwrite"),
+                   "training diverged")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
@@ -254,3 +264,15 @@ def test_an_internal_error_is_one_line_unless_debugging(monkeypatch):
     monkeypatch.setenv("TOOLKIT_DEBUG", "1")
     r = run("compose", "-n", 2, "--out", "x.npy")
     assert r.exit_code == 1 and isinstance(r.exception, RuntimeError)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lr", "nan"], "lr must be a positive finite number"),
+    (["--lr", "inf"], "lr must be a positive finite number"),
+    (["--weight-decay", "-1"], "weight-decay must be a finite number ≥ 0"),
+    (["--grad-clip", "nan"], "grad-clip must be a finite number ≥ 0"),
+    (["--seed", str(10**23)], "seed must be an integer in 0..2^63-1"),
+])
+def test_training_numbers_are_validated(tmp_path, args, message):
+    one_line_error(run("train", "--steps", 1, *args, "--out", tmp_path / "x"), message)
+    assert not (tmp_path / "x").exists()

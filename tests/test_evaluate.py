@@ -203,6 +203,8 @@ def test_raw_features_for_vector_data(tmp_path):
     (["--metric", "fid", "--sampler", "ddim,unipc", "--sampler-option", "variance=beta"],
      "no sampler of ddim, unipc takes the option 'variance'"),
     (["--metric", "fid", "--steps", "a,b"], "--steps must be a comma list"),
+    (["--metric", "fid", "--steps", "2.7"], "--steps must be whole numbers"),
+    (["--metric", "fid", "--batch-size", "0"], "--batch-size must be positive"),
     (["--metric", "fid", "--sampler", "nope"], "unknown sampler 'nope'"),
     (["--metric", "fid", "-n", "1"], "at least 2"),
     (["--metric", "nll", "--limit", "0"], "--limit must be positive"),

@@ -668,7 +668,11 @@ def evaluate_cmd(model, metric, dataset, data_options, limit, variance, samplers
     else:
         grid = evaluate.sampler_grid([s.strip() for s in samplers.split(",") if s.strip()],
                                      _float_list(eta, "--eta"), parse_options(sampler_options, "--sampler-option"))
-        step_list = [int(v) for v in (_float_list(steps, "--steps") or [])]
+        step_list = []
+        for v in _float_list(steps, "--steps") or []:
+            if not v.is_integer() or v < 1:
+                raise ToolkitError(f"--steps must be whole numbers ≥ 1, got {v:g}")
+            step_list.append(int(v))
         _, guidance_options = sampler_and_guidance_options((), None, None, None, guidance, scale, classifier)
         from toolkit import budget
 

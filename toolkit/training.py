@@ -33,8 +33,18 @@ RESUMABLE_CHANGES = ("steps", "checkpoint_every")  # everything else must match 
 
 
 def _positive(instance, attribute, value) -> None:
-    if value is None or value <= 0:
-        raise ToolkitError(f"{attribute.name.replace('_', '-')} must be positive, got {value!r}")
+    if value is None or not value > 0 or not math.isfinite(value):  # NaN and inf too
+        raise ToolkitError(f"{attribute.name.replace('_', '-')} must be a positive finite number, got {value!r}")
+
+
+def _non_negative(instance, attribute, value) -> None:
+    if value is None or not value >= 0 or not math.isfinite(value):
+        raise ToolkitError(f"{attribute.name.replace('_', '-')} must be a finite number ≥ 0, got {value!r}")
+
+
+def _seed(instance, attribute, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise ToolkitError(f"seed must be an integer in 0..2^63-1, got {value!r}")
 
 
 def _unit(instance, attribute, value) -> None:
@@ -61,11 +71,11 @@ class TrainConfig:
     steps: int = field(default=4000, validator=_positive)
     batch_size: int = field(default=128, validator=_positive)
     lr: float = field(default=1e-3, validator=_positive)
-    weight_decay: float = 0.0
-    warmup: int = 100
+    weight_decay: float = field(default=0.0, validator=_non_negative)
+    warmup: int = field(default=100, validator=_non_negative)
     ema_decay: float = field(default=0.999, validator=_unit)
-    grad_clip: float = 1.0
-    seed: int = 0
+    grad_clip: float = field(default=1.0, validator=_non_negative)  # 0: no clipping (NaN would silently be the same)
+    seed: int = field(default=0, validator=_seed)
     checkpoint_every: int = field(default=1000, validator=_positive)
     holdout: float = field(default=0.0, validator=_unit)  # fraction of the data kept out, to report accuracy
     latent: str | None = None  # autoencoder checkpoint: train on its (scaled) latents of the data
