@@ -222,8 +222,8 @@ def _sampler_model(step_model, iterations: int, draws: int, inputs: list[str], s
                 nodes.append(helper.make_node("Gather", ["noise", p + "slots"], [p + "noise"], axis=0))
                 mapping["noise"] = p + "noise"
             nodes += _copy_nodes(onnx, g, keep, mapping, p)
-            outs = [mapping.get(o, p + o) for o in step_outs]
-            x, state = outs[0], outs[1:]
+            rename = _renamer(keep, mapping, p)  # the names _copy_nodes gave this copy's outputs
+            x, *state = [rename(o) for o in step_outs]
         final = x
     else:
         body_nodes = []
@@ -235,8 +235,9 @@ def _sampler_model(step_model, iterations: int, draws: int, inputs: list[str], s
         body_nodes += _copy_nodes(onnx, g, keep, mapping, "")
         body_nodes.append(helper.make_node("Identity", ["cond_in"], ["cond_out"]))
         carried_out = ["x_out", *[f"{s_}_out" for s_ in state_in]]
+        rename = _renamer(keep, mapping, "")
         for src, dst in zip(step_outs, carried_out):
-            body_nodes.append(helper.make_node("Identity", [mapping.get(src, src)], [dst]))
+            body_nodes.append(helper.make_node("Identity", [rename(src)], [dst]))
         state_info = lambda suffix: [helper.make_tensor_value_info(f"{s_}{suffix}", TensorProto.FLOAT, None)  # noqa: E731
                                      for s_ in state_in]
         body = helper.make_graph(

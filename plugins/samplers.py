@@ -32,13 +32,26 @@ def _flag(value, field) -> bool:
 flag = Converter(_flag, takes_field=True)
 
 
-def choice(*choices: str):
+def choice(*choices):
     """An attrs validator with a one-line message (attrs' own prints a tuple)."""
     def check(instance, attribute, value) -> None:
         if value not in choices:
             raise ToolkitError(f"{getattr(instance, 'name', type(instance).__name__)}: {attribute.name} must be one of "
-                               f"{', '.join(choices)}, not {value!r}")
+                               f"{', '.join(map(str, choices))}, not {value!r}")
     return check
+
+
+def unit_interval(instance, attribute, value) -> None:
+    """η-like options: a number in [0, 1] (NaN refused)."""
+    if not 0.0 <= value <= 1.0:
+        raise ToolkitError(f"{instance.name}: {attribute.name} must lie in [0, 1], got {value}")
+
+
+def posterior_coefficients(a_t: np.ndarray, a_prev: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """μ̃ = coef_x0·x̂_0 + coef_xt·x_t of q(x_prev | x_t, x_0) over a visited pair, and the pair's own
+    β = 1 - ᾱ_t/ᾱ_prev (Ho et al. eq. 6-7, respaced), in float64."""
+    beta = 1 - a_t / a_prev
+    return np.sqrt(a_prev) * beta / (1 - a_t), (1 - a_prev) * np.sqrt(a_t / a_prev) / (1 - a_t), beta
 
 
 @define(frozen=True)
@@ -62,7 +75,7 @@ class DDPM:
         g = grid(schedule, steps, self.spacing)
         a, S = g.alpha**2, g.steps
         a_t, a_prev = a[:-1], a[1:]
-        beta = 1 - a_t / a_prev  # the step's own β over the visited pair (eq. 6-7 respaced)
+        coef_x0, coef_xt, beta = posterior_coefficients(a_t, a_prev)  # the step's own β over the visited pair
         tilde = (1 - a_prev) / (1 - a_t) * beta
         # At the last step β̃ = 0: log β̃ is clipped to the β̃ of t+1 → t, as guided-diffusion does, so the
         # classifier-guidance shift Σ·s∇ does not vanish there (no noise is added at that step).
@@ -72,8 +85,7 @@ class DDPM:
         final = g.t[1:] < 0
         return Plan(t=g.t[:-1], steps=S, draws_per_step=1, tables={
             "alpha": g.alpha[:-1], "sigma": g.sigma[:-1],
-            "coef_x0": np.sqrt(a_prev) * beta / (1 - a_t),  # μ̃ = coef_x0·x̂_0 + coef_xt·x_t  (eq. 7)
-            "coef_xt": (1 - a_prev) * np.sqrt(a_t / a_prev) / (1 - a_t),
+            "coef_x0": coef_x0, "coef_xt": coef_xt,  # μ̃ = coef_x0·x̂_0 + coef_xt·x_t  (eq. 7)
             "log_beta": np.log(beta),
             "log_tilde": np.log(np.maximum(np.where(final, tilde_next, tilde), 1e-20)),
             "nonzero": (~final).astype(np.float64),
@@ -118,16 +130,12 @@ class DDIM:
     variance over the sub-sequence: x = μ̃(x_t, x̂_0) + σ̂ z); η is then unused.
     """
 
-    eta: float = field(default=0.0, converter=float)
+    eta: float = field(default=0.0, converter=float, validator=unit_interval)
     clip_x0: bool = field(default=True, converter=flag)
     spacing: str = field(default="uniform", validator=choice(*SPACINGS))
     default_steps: int | None = 50
     sigma: str = field(default="eta", validator=choice("eta", "hat"))
     name: str = field(default="ddim", init=False)
-
-    def __attrs_post_init__(self) -> None:
-        if not 0.0 <= self.eta <= 1.0:
-            raise ToolkitError(f"ddim: eta must lie in [0, 1], got {self.eta}")
 
     @property
     def stochastic(self) -> bool:
@@ -138,10 +146,9 @@ class DDIM:
         a = g.alpha**2
         a_t, a_prev = a[:-1], a[1:]
         tables = {"alpha": g.alpha[:-1], "sigma": g.sigma[:-1]}
-        if self.sigma == "hat":
-            beta = 1 - a_t / a_prev
-            tables |= {"c_x0": np.sqrt(a_prev) * beta / (1 - a_t), "c_eps": np.zeros_like(a_t),
-                       "c_x": (1 - a_prev) * np.sqrt(a_t / a_prev) / (1 - a_t),
+        if self.sigma == "hat":  # DDPM's mean μ̃ with σ̂ = √β of the pair
+            c_x0, c_x, beta = posterior_coefficients(a_t, a_prev)
+            tables |= {"c_x0": c_x0, "c_eps": np.zeros_like(a_t), "c_x": c_x,
                        "s_noise": np.where(g.t[1:] >= 0, np.sqrt(beta), 0.0)}
         else:
             sig = self.eta * np.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))  # σ_τi(η)

@@ -16,7 +16,7 @@ from torch import Tensor
 from toolkit.errors import ToolkitError
 from toolkit.hookspecs import hookimpl
 from toolkit.protocols import ModelFn, Schedule
-from toolkit.plugins.samplers import choice, flag
+from toolkit.plugins.samplers import choice, flag, unit_interval
 from toolkit.sampling import SPACINGS, Plan, check_steps, grid, split_output, x0_and_eps
 
 
@@ -34,13 +34,6 @@ def _check_order(sampler, schedule: Schedule, steps: int) -> int:
     return check_steps(schedule, steps)
 
 
-def _order_in(*orders: int):
-    def check(instance, attribute, value) -> None:
-        if value not in orders:
-            raise ToolkitError(f"{instance.name}: order must be one of {', '.join(map(str, orders))}, not {value!r}")
-    return check
-
-
 @define(frozen=True)
 class DPMSolverPP2M:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2; k-diffusion's sample_dpmpp_2m), in x̂_0 form:
@@ -50,7 +43,7 @@ class DPMSolverPP2M:
     first order (D = x̂_0, which is DDIM) at the first step and into the clean end. State: (x̂_0(k−1),).
     """
 
-    order: int = field(default=2, converter=int, validator=_order_in(1, 2))
+    order: int = field(default=2, converter=int, validator=choice(1, 2))
     clip_x0: bool = field(default=True, converter=flag)
     spacing: str = field(default="logsnr", validator=choice(*SPACINGS))
     default_steps: int | None = 20
@@ -108,7 +101,7 @@ class UniPC:
     step and into the clean end. State: (corrected x_{k−1}, x̂_0(k−1), x̂_0(k−2)).
     """
 
-    order: int = field(default=2, converter=int, validator=_order_in(1, 2))
+    order: int = field(default=2, converter=int, validator=choice(1, 2))
     clip_x0: bool = field(default=True, converter=flag)
     spacing: str = field(default="logsnr", validator=choice(*SPACINGS))
     default_steps: int | None = 10
@@ -208,15 +201,11 @@ class EulerAncestral:
     """Euler ancestral (k-diffusion's sample_euler_ancestral): an Euler step down to σ̃_down, then fresh
     noise σ̃_up, with σ̃_up = min(σ̃', η·σ̃'·√(σ̃² − σ̃'²)/σ̃) and σ̃_down = √(σ̃'² − σ̃_up²); one draw per step."""
 
-    eta: float = field(default=1.0, converter=float)
+    eta: float = field(default=1.0, converter=float, validator=unit_interval)
     clip_x0: bool = field(default=True, converter=flag)
     spacing: str = field(default="karras", validator=choice(*SPACINGS))
     default_steps: int | None = 30
     name: str = field(default="euler-a", init=False)
-
-    def __attrs_post_init__(self) -> None:
-        if not 0.0 <= self.eta <= 1.0:
-            raise ToolkitError(f"euler-a: eta must lie in [0, 1], got {self.eta}")
 
     def plan(self, schedule: Schedule, steps: int) -> Plan:
         g = grid(schedule, check_steps(schedule, steps), self.spacing)

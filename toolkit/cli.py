@@ -11,24 +11,20 @@ from typing import Any, Iterator
 
 import click
 
+from toolkit import budget
 from toolkit.errors import ToolkitError
-
-
-def _value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 def parse_options(pairs: tuple[str, ...], what: str) -> dict[str, Any]:
     """KEY=VALUE pairs (VALUE as JSON when it parses, else a string)."""
+    from toolkit.registry import option_value
+
     out = {}
     for pair in pairs:
         if "=" not in pair:
             raise ToolkitError(f"{what} {pair!r} must look like KEY=VALUE")
         key, value = pair.split("=", 1)
-        out[key.strip().replace("-", "_")] = _value(value)
+        out[key.strip().replace("-", "_")] = option_value(value)
     return out
 
 
@@ -406,8 +402,6 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
         _hold_output_lock(out)
     if n < 1:
         raise ToolkitError(f"-n must be positive, got {n}")
-    from toolkit import budget
-
     n = budget.samples(n)
     if batch_size < 1:
         raise ToolkitError(f"--batch-size must be positive, got {batch_size}")
@@ -652,8 +646,6 @@ def evaluate_cmd(model, metric, dataset, data_options, limit, variance, samplers
                 if bar is not None:
                     bar.update(k)
 
-            from toolkit import budget
-
             result = evaluate.nll(path, dataset=name, dataset_options=ds_options, limit=budget.points(limit),
                                   batch_size=batch_size, variance=variance, seed=seed, device=device,
                                   progress=tick, on_start=(lambda total: setattr(bar, "length", total))
@@ -674,8 +666,6 @@ def evaluate_cmd(model, metric, dataset, data_options, limit, variance, samplers
                 raise ToolkitError(f"--steps must be whole numbers ≥ 1, got {v:g}")
             step_list.append(int(v))
         _, guidance_options = sampler_and_guidance_options((), None, None, None, guidance, scale, classifier)
-        from toolkit import budget
-
         n = budget.samples(n if n is not None else (1000 if metric == "fid" else 100))
         if batch_size < 1:
             raise ToolkitError(f"--batch-size must be positive, got {batch_size}")

@@ -33,6 +33,12 @@ def alpha_bar(schedule: Schedule, t: Tensor, like: Tensor, dtype: torch.dtype | 
     return gather(a, t.long() + 1, like, dtype)
 
 
+def log_snr(schedule: Schedule) -> Tensor:
+    """λ_t = log(ᾱ_t / (1-ᾱ_t)) at t = 0..T-1, float64 on the CPU, strictly decreasing."""
+    a = schedule.alphas_cumprod.detach().cpu().to(torch.float64)
+    return torch.log(a) - torch.log1p(-a)
+
+
 def interp(table: Tensor, t: Tensor) -> Tensor:
     """table at fractional t in [0, len-1], linear between integer times; traceable (floor and two gathers)."""
     n = table.shape[0]
@@ -45,8 +51,7 @@ def interp(table: Tensor, t: Tensor) -> Tensor:
 
 def interp_alpha_bar(schedule: Schedule, t: Tensor, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """ᾱ at fractional t (λ interpolated), 1 where t < 0."""
-    a = schedule.alphas_cumprod.to(torch.float64)
-    lam = torch.log(a) - torch.log1p(-a)
+    lam = log_snr(schedule)
     tt = t.to(torch.float64).to(lam.device)
     out = torch.where(tt < 0, torch.ones_like(tt), torch.sigmoid(interp(lam, tt)))
     return out.to(device=like.device, dtype=dtype or like.dtype).reshape(-1, *([1] * (like.ndim - 1)))

@@ -269,13 +269,7 @@ class QualityReport:
 
 def parse_sampler_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """"dpmpp-2m:order=2:spacing=karras" → ("dpmpp-2m", {"order": 2, "spacing": "karras"})."""
-    import json
-
-    def parse_value(text: str) -> Any:
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            return text
+    from toolkit.registry import option_value
 
     name, *parts = [p.strip() for p in spec.split(":")]
     opts: dict[str, Any] = {}
@@ -283,7 +277,7 @@ def parse_sampler_spec(spec: str) -> tuple[str, dict[str, Any]]:
         key, sep, value = part.partition("=")
         if not sep or not key.strip():
             raise ToolkitError(f"sampler option {part!r} in {spec!r} must be KEY=VALUE (e.g. dpmpp-2m:order=2)")
-        opts[key.strip().replace("-", "_")] = parse_value(value.strip())
+        opts[key.strip().replace("-", "_")] = option_value(value.strip())
     if not name:
         raise ToolkitError(f"sampler name missing in {spec!r}")
     return name, opts

@@ -29,11 +29,6 @@ def _same_schedule(a: Schedule, b: Schedule) -> bool:
         rtol=1e-10, atol=1e-12))
 
 
-def _log_snr(schedule: Schedule) -> Tensor:
-    a = schedule.alphas_cumprod.to(torch.float64)
-    return torch.log(a) - torch.log1p(-a)
-
-
 @define(frozen=True)
 class Pipeline:
     """Everything one sampling run needs; ``sample`` is the whole of it.
@@ -104,7 +99,7 @@ class Pipeline:
         """Training-schedule time for each sampling-schedule t (None when the schedules agree)."""
         if self.train_schedule is None or _same_schedule(self.schedule, self.train_schedule):
             return None
-        return diffusion.model_time(_log_snr(self.train_schedule), _log_snr(self.schedule))
+        return diffusion.model_time(diffusion.log_snr(self.train_schedule), diffusion.log_snr(self.schedule))
 
     def model_time_fn(self) -> Callable[[Tensor], Tensor]:
         """Sampling-schedule t → the time to query the predictor (and a classifier) at."""

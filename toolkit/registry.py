@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata as metadata
 import inspect
+import json
 import os
 import sys
 import threading
@@ -238,6 +239,14 @@ def missing_attributes(obj: object, protocol: type) -> list[str]:
 def available(kind: str) -> list[str]:
     """The registered names of one kind (schedule, sampler, guidance, model, dataset, latent, pretrained)."""
     return get_registry().names(kind)
+
+
+def option_value(text: str) -> Any:
+    """The value of a KEY=VALUE plugin option: JSON when it parses (numbers, lists, true/false), else the text."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def option_names(kind: str, name: str) -> list[str] | None:

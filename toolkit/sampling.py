@@ -16,7 +16,9 @@ import torch
 from attrs import define, field
 from torch import Tensor
 
+from toolkit.diffusion import log_snr
 from toolkit.errors import ToolkitError
+from toolkit.noise import NoiseStreams
 from toolkit.protocols import ModelFn, NoiseFn, Sampler, SamplerV1, Schedule
 
 INTEGER_SPACINGS = ("uniform", "quadratic", "trailing", "linspace")
@@ -25,10 +27,10 @@ KARRAS_RHO = 7.0
 SIGMA_MAX = 80.0  # Karras et al. 2022's σ_max: the continuous grids start at σ̃ = min(80, σ̃_{T-1})
 
 
-def check_steps(schedule: Schedule, steps: int, minimum: int = 1) -> int:
+def check_steps(schedule: Schedule, steps: int) -> int:
     T = schedule.num_timesteps
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not minimum <= steps <= T:
-        raise ToolkitError(f"steps must be an integer in {minimum}..{T} (the schedule's T), got {steps!r}")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
+        raise ToolkitError(f"steps must be an integer in 1..{T} (the schedule's T), got {steps!r}")
     return int(steps)
 
 
@@ -64,9 +66,8 @@ def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -
 
 
 def log_snr_table(schedule: Schedule) -> np.ndarray:
-    """λ_t = log(ᾱ_t / (1-ᾱ_t)) at t = 0..T-1, float64, strictly decreasing."""
-    a = schedule.alphas_cumprod.detach().cpu().double().numpy()
-    return np.log(a) - np.log1p(-a)
+    """λ_t = log(ᾱ_t / (1-ᾱ_t)) at t = 0..T-1, float64, strictly decreasing (``diffusion.log_snr`` as numpy)."""
+    return log_snr(schedule).numpy()
 
 
 def log_snr_at(schedule: Schedule, t) -> np.ndarray:
@@ -211,9 +212,9 @@ def run_plan(sampler: Sampler, model_fn: ModelFn, plan: Plan, x_T: Tensor, *, no
     """
     plan = plan.cast(x_T.dtype, x_T.device)
     D = plan.draws_per_step
-    if D and noise_fn is None:
-        raise ToolkitError(f"sampler {getattr(sampler, 'name', '?')!r} draws noise: give a noise_fn")
     name = getattr(sampler, "name", type(sampler).__name__)
+    if D and noise_fn is None:
+        raise ToolkitError(f"sampler {name!r} draws noise: give a noise_fn")
     x = x_T
     state = tuple(sampler.init_state(x_T, plan))
     for i in range(len(plan)):
@@ -310,22 +311,18 @@ def check_standard_loop(sampler: SamplerV1, schedule: Schedule, steps: int, shap
     def model(x: Tensor, t: Tensor) -> Tensor:
         return torch.tanh(0.5 * x + t.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1))) / schedule.num_timesteps)
 
-    def streams():
-        gens = [torch.Generator().manual_seed(7919 + k) for k in range(2)]
-        return lambda: torch.stack([torch.randn(shape, generator=g) for g in gens])
-
-    draw = streams()
-    x_T = draw()
+    streams = NoiseStreams(7919, range(2), shape)
+    x_T = streams.draw()
     try:
-        theirs = sampler.sample(model, schedule, x_T, steps=steps, noise_fn=lambda i: draw())
+        theirs = sampler.sample(model, schedule, x_T, steps=steps, noise_fn=lambda i: streams.draw())
     except Exception as exc:  # noqa: BLE001
         raise ToolkitError(f"sampler {name!r} (plugin API 1) cannot be exported: its sample() failed on a probe "
                            f"({exc})") from exc
-    draw = streams()
-    x_T = draw()
+    streams = NoiseStreams(7919, range(2), shape)
+    x_T = streams.draw()
     adapter = V1Adapter(sampler)
     plan = adapter.plan(schedule, steps)
-    ours = run_plan(adapter, model, plan, x_T, noise_fn=stream_noise_fn(draw, plan.draws_per_step))
+    ours = run_plan(adapter, model, plan, x_T, noise_fn=stream_noise_fn(streams.draw, plan.draws_per_step))
     if theirs.shape != ours.shape or not torch.allclose(theirs, ours, atol=1e-5, rtol=1e-5):
         raise ToolkitError(f"sampler {name!r} (plugin API 1) has its own sample() loop, which the exporter cannot "
                            "reproduce (its graph would run a different sampler); port it to plugin API 2 "

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from toolkit.errors import ToolkitError
+from toolkit.noise import NoiseStreams
 from toolkit.protocols import Guidance, NoisePredictor, Sampler, Schedule
 from toolkit.registry import missing_attributes
 
@@ -88,19 +89,20 @@ class _Counted:
         return out
 
 
-def _run(sampler, schedule, steps: int, x_T: Tensor, gens: list, model=_toy_model, channels: int | None = None):
-    """The toolkit's loop on ``sampler``, counting network calls and noise draws."""
-    from toolkit.sampling import as_v2, run_plan
+def _run(sampler, schedule, steps: int, x_T: Tensor, draw, model=_toy_model, channels: int | None = None):
+    """The toolkit's loop on ``sampler`` with noise from ``draw`` (per-sample streams), counting network
+    calls and the iterations that drew noise."""
+    from toolkit.sampling import as_v2, run_plan, stream_noise_fn
 
     v2 = as_v2(sampler)
     plan = v2.plan(schedule, steps)
     counted = _Counted(model, schedule.num_timesteps, channels)
     draws = []
+    stream = stream_noise_fn(draw, plan.draws_per_step)
 
     def noise_fn(i: int) -> Tensor:
         draws.append(i)
-        return torch.stack([torch.stack([torch.randn(x_T.shape[1:], generator=g) for g in gens])
-                            for _ in range(plan.draws_per_step)])
+        return stream(i)
 
     x = run_plan(v2, counted, plan, x_T, noise_fn=noise_fn)
     return x, plan, counted.calls, draws
@@ -140,13 +142,9 @@ def check_sampler(sampler: Sampler, schedule: Schedule | None = None, shape: tup
 
     steps = max(s for s in steps_ok if s <= 10) if any(s <= 10 for s in steps_ok) else steps_ok[0]
 
-    def streams(batch: int, seed: int = 0) -> list:
-        return [torch.Generator().manual_seed(seed * 1000 + i) for i in range(batch)]
-
     def run(batch: int, seed: int = 0, channels: int | None = None):
-        gens = streams(batch, seed)
-        x_T = torch.stack([torch.randn(shape, generator=g) for g in gens])
-        return _run(sampler, schedule, steps, x_T, gens, channels=channels)
+        streams = NoiseStreams(seed, range(batch), shape)  # sample i's stream depends on (seed, i) alone
+        return _run(sampler, schedule, steps, streams.draw(), streams.draw, channels=channels)
 
     a, plan, calls, draws = run(4)
     assert calls == plan.nfe, f"sampler {name!r}: {calls} network calls, but its plan declares {plan.nfe}"
@@ -197,13 +195,13 @@ def check_convergence(sampler: Sampler, shape: tuple[int, ...] = (1, 4, 4), mu: 
     ok = valid_steps(sampler, schedule, (5, 10, 20, 40, 80))
     assert len(ok) >= 2, f"sampler {name!r}: accepts too few step counts on a 1000-step schedule to test convergence"
     B = 256
-    gens = [torch.Generator().manual_seed(90_000 + i) for i in range(B)]
-    x_T = torch.stack([torch.randn(shape, generator=g) for g in gens])
+    streams = NoiseStreams(90_000, range(B), shape)
+    x_T = streams.draw()
     plan = as_v2(sampler).plan(schedule, ok[-1])
     if plan.draws_per_step == 0:
         errors = []
         for steps in (ok[0], ok[-1]):
-            x, plan, _, _ = _run(sampler, schedule, steps, x_T, gens, model)
+            x, plan, _, _ = _run(sampler, schedule, steps, x_T, streams.draw, model)
             t0 = plan.t[0].reshape(1)
             a = alpha_bar(schedule, t0 if t0.is_floating_point() else t0.long(), x_T, torch.float64)
             exact = mu + s * (x_T.double() - a.sqrt() * mu) / (a * s * s + 1 - a).sqrt()
@@ -212,7 +210,7 @@ def check_convergence(sampler: Sampler, shape: tuple[int, ...] = (1, 4, 4), mu: 
             f"sampler {name!r}: does not converge to the probability-flow solution on Gaussian data "
             f"(mean error {errors[0]:.3g} at {ok[0]} steps, {errors[1]:.3g} at {ok[-1]})")
     else:
-        x, _, _, _ = _run(sampler, schedule, ok[-1], x_T, gens, model)
+        x, _, _, _ = _run(sampler, schedule, ok[-1], x_T, streams.draw, model)
         m, sd = float(x.mean()), float(x.std())
         assert abs(m - mu) < 0.05 and abs(sd - s) < 0.25 * s, (
             f"sampler {name!r}: on data N({mu}, {s}²) with the exact ε its samples have mean {m:.3f} and std {sd:.3f}")
