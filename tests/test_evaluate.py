@@ -113,6 +113,7 @@ def test_evaluate_cli_fid_sweep_and_plot(tiny_ckpt, tmp_path):
     r = run("evaluate", "--model", tiny_ckpt, "--metric", "fid", "--sampler", "ddim,ddpm", "--eta", "0,1",
             "--steps", "2,3", "-n", 20, "--plot", plot, "--out", out)
     assert r.exit_code == 0, r.output
+    assert "FD is biased upward at small n: 20 real samples of the data set itself score" in r.output.splitlines()[0]
     data = json.loads(out.read_text())
     labels = [(row["label"], row["steps"]) for row in data["rows"]]
     assert labels == [("ddim(eta=0.0)", 2), ("ddim(eta=0.0)", 3), ("ddim(eta=1.0)", 2), ("ddim(eta=1.0)", 3),

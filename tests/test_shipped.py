@@ -52,3 +52,13 @@ def test_shipped_model_draws_requested_digits_with_variety():
         own = x[labels == k].flatten(1)
         real = data.x[data.y == k].flatten(1)
         assert torch.cdist(own, own).mean() > 0.5 * torch.cdist(real, real).mean()
+
+
+def test_shipped_checkpoints_record_commands_that_name_no_outside_folder():
+    """The recorded training commands are runnable in a checkout: no absolute --out of the machine they ran on."""
+    for name in toolkit.available("pretrained"):
+        training = json.loads((resolve_checkpoint(name) / "config.json").read_text()).get("training", {})
+        for command in [training.get("command"), *(training.get("commands") or [])]:
+            if command:
+                out = command.split("--out ", 1)[1].split()[0]
+                assert not Path(out).is_absolute(), (name, command)
