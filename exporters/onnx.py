@@ -16,7 +16,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -534,16 +534,25 @@ def sample_onnx(session, n: int, seed: int = 0, labels: Any = None, scale: Any =
                 batch_size: int = 500) -> Tensor:
     """Sample through a ``runtime.SamplerSession`` with the toolkit's torch noise streams, so the samples
     equal ``Pipeline.sample`` for the same seed (within float tolerance)."""
-    from toolkit.noise import NoiseStreams
+    return torch.cat(list(onnx_batches(session, n, seed, labels, scale, offset=offset, batch_size=batch_size)))
 
+
+def onnx_batches(session, n: int, seed: int = 0, labels: Any = None, scale: Any = None, *, offset: int = 0,
+                 batch_size: int = 500) -> Iterator[Tensor]:
+    """The samples of :func:`sample_onnx`, one batch at a time (what ``compose -n LARGE --out x.npy`` streams)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ToolkitError(f"n must be a positive integer, got {n!r}")
     shape = session.sample_shape
     stochastic = "noise" in session.inputs
     y = None if labels is None else torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-    if y is not None and y.numel():
-        y = y.repeat((n + y.numel() - 1) // y.numel())[:n]
-    out = []
+    if y is not None and not y.numel():
+        raise ToolkitError("labels must not be empty")
+    return _onnx_batches(session, n, seed, y, scale, offset, batch_size, shape, stochastic)
+
+
+def _onnx_batches(session, n, seed, y, scale, offset, batch_size, shape, stochastic) -> Iterator[Tensor]:
+    from toolkit.noise import NoiseStreams
+
     for start in range(0, n, batch_size):
         stop = min(n, start + batch_size)
         streams = NoiseStreams(seed, range(offset + start, offset + stop), shape)
@@ -553,8 +562,8 @@ def sample_onnx(session, n: int, seed: int = 0, labels: Any = None, scale: Any =
             noise = torch.stack([streams.draw() for _ in range(session.noise_slots)]).numpy()
         scale_b = scale[start:stop] if isinstance(scale, (list, tuple)) and len(scale) == n else scale
         try:
-            x = session.run(x_T.numpy(), noise, None if y is None else y[start:stop].numpy(), scale_b)
+            x = session.run(x_T.numpy(), noise, None if y is None else y[torch.arange(start, stop) % y.numel()].numpy(),
+                            scale_b)
         except ValueError as exc:
             raise ToolkitError(str(exc)) from exc
-        out.append(torch.from_numpy(x))
-    return torch.cat(out)
+        yield torch.from_numpy(x)

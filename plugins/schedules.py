@@ -6,15 +6,13 @@ import math
 
 import torch
 
-from toolkit.errors import ToolkitError
+from toolkit import limits
 from toolkit.hookspecs import hookimpl
 from toolkit.schedule import BetaSchedule, schedule_from_alphas_cumprod, schedule_from_betas
 
 
 def _check_t(num_timesteps: int) -> int:
-    if not isinstance(num_timesteps, int) or num_timesteps < 1:
-        raise ToolkitError(f"num_timesteps must be a positive integer, got {num_timesteps!r}")
-    return num_timesteps
+    return limits.integer("num_timesteps", num_timesteps, 1, limits.MAX_TIMESTEPS)
 
 
 def linear(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> BetaSchedule:

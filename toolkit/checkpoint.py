@@ -20,8 +20,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from toolkit import limits, schema
 from toolkit.errors import CheckpointError, ToolkitError
-from toolkit.files import umask_mode
+from toolkit.files import alive, fault_point, through_link, umask_mode
 
 FORMAT = "diffusion-toolkit-checkpoint"
 FORMAT_VERSION = 1
@@ -59,7 +60,7 @@ def _exchange(a: Path, b: Path) -> bool:
     import ctypes
     import sys
 
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or os.environ.get("TOOLKIT_NO_EXCHANGE"):  # the latter: tests
         return False
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -76,14 +77,14 @@ def _exchange(a: Path, b: Path) -> bool:
 def recover(path: str | os.PathLike) -> Path:
     """Put back a checkpoint stranded by a kill between the two renames of a write (``.NAME.old-PID`` of a
     process that is gone, and no ``NAME``); stale temporary folders of dead writers are removed."""
-    path = Path(path)
+    path = through_link(path)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         return path
     for leftover in sorted(parent.glob(f".{path.name}.*-*")):
         kind, _, rest = leftover.name[len(path.name) + 2:].partition("-")
         pid = rest.split("-")[0]
-        if kind not in ("old", "tmp") or not pid.isdigit() or not leftover.is_dir() or _alive(int(pid)):
+        if kind not in ("old", "tmp") or not pid.isdigit() or not leftover.is_dir() or alive(int(pid)):
             continue
         if kind == "old" and not path.exists():
             os.rename(leftover, path)
@@ -92,22 +93,10 @@ def recover(path: str | os.PathLike) -> Path:
     return path
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def write_checkpoint(path: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor],
                      extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write config.json and model.safetensors (and extra .safetensors files) atomically."""
-    path = Path(path)
+    path = through_link(path)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise ToolkitError(f"output folder {str(parent)!r} does not exist")
@@ -125,15 +114,20 @@ def write_checkpoint(path: str | os.PathLike, config: dict[str, Any], tensors: d
         os.chmod(tmp, umask_mode(0o777))  # mkdtemp makes 0700
         for f in tmp.iterdir():
             os.chmod(f, umask_mode(0o666))
+        fault_point("checkpoint:written")
         _fsync_tree(tmp)
+        fault_point("checkpoint:synced")
         if path.exists() and _exchange(tmp, path):  # Linux: one atomic swap, old or new at every instant
+            fault_point("checkpoint:swapped")
             shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old version
         else:
             old = None
             if path.exists():  # elsewhere: two renames; a kill between them is undone by recover()
                 old = parent / f".{path.name}.old-{os.getpid()}-{os.urandom(4).hex()}"
                 os.rename(path, old)
+                fault_point("checkpoint:old-moved")
             os.rename(tmp, path)
+            fault_point("checkpoint:new-moved")
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -167,10 +161,14 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {str(path)!r}: {CONFIG} is corrupt ({exc})") from exc
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {str(path)!r}: {CONFIG} is not a diffusion-toolkit checkpoint")
-    if config.get("format_version", 0) > FORMAT_VERSION:
+    version = config.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {str(path)!r} was written by a newer toolkit "
                               f"(format {config['format_version']}); upgrade diffusion-toolkit")
-    return config
+    try:
+        return schema.check_config(config)
+    except ToolkitError as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r}: {CONFIG} field {exc}") from None
 
 
 def read_tensors(path: str | os.PathLike, name: str = WEIGHTS, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -190,11 +188,17 @@ def build_model(config: dict[str, Any]) -> nn.Module:
             "autoencoder": "latent"}.get(config.get("kind", "noise_predictor"))
     if kind is None:
         raise CheckpointError(f"checkpoint holds an unknown kind {config.get('kind')!r}")
+    spec = config["model"]
+    name = qualified(spec)
     try:
-        spec = config["model"]
-        return create(kind, spec["name"], **spec.get("options", {}))
-    except (KeyError, TypeError) as exc:
+        return limits.bounded_module(f"{kind} {name!r}", lambda: create(kind, name, **spec.get("options", {})))
+    except TypeError as exc:
         raise CheckpointError(f"checkpoint config has no valid model entry ({exc})") from exc
+
+
+def qualified(spec: dict[str, Any]) -> str:
+    """``dist:name`` of a recorded plugin, so that a second plugin of the same name cannot make it ambiguous."""
+    return f"{spec['dist']}:{spec['name']}" if spec.get("dist") else spec["name"]
 
 
 def build_schedule(config: dict[str, Any]):
@@ -202,7 +206,7 @@ def build_schedule(config: dict[str, Any]):
 
     try:
         spec = config["schedule"]
-        return create("schedule", spec["name"], **spec.get("options", {}))
+        return create("schedule", qualified(spec), **spec.get("options", {}))
     except (KeyError, TypeError) as exc:
         raise CheckpointError(f"checkpoint config has no valid schedule entry ({exc})") from exc
 
@@ -219,7 +223,12 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     """Load a checkpoint directory (or a shipped pretrained name) for sampling."""
     path = resolve_checkpoint(path)
     config = read_config(path)
-    model = build_model(config)
+    try:
+        model = build_model(config)
+    except CheckpointError:
+        raise
+    except ToolkitError as exc:  # the plugin refused the recorded options: say which checkpoint holds them
+        raise CheckpointError(f"checkpoint {str(path)!r}: {exc}") from None
     load_state(model, read_tensors(path, WEIGHTS), str(path))
     model.to(device).eval().requires_grad_(False)
     if config.get("kind", "noise_predictor") == "noise_predictor" and getattr(model, "num_classes", None):

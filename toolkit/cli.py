@@ -162,9 +162,9 @@ def _dataset_arg(dataset: str, options: dict[str, Any]) -> tuple[str, dict[str, 
     """A registered dataset name; else a directory (folder dataset) or a .npy/.npz file (array dataset)."""
     from toolkit.registry import available
 
-    if dataset in available("dataset") or ":" in dataset:
+    if dataset in available("dataset"):
         return dataset, options
-    path = Path(dataset)
+    path = Path(dataset)  # an existing path wins over `dist:name`, so a folder may have ':' in its name
     if path.is_dir():
         return "folder", {"path": str(path.resolve()), **options}
     if path.suffix in (".npy", ".npz") and path.is_file():
@@ -390,7 +390,7 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
     """Compose a pipeline from named plugins and sample from it."""
     import toolkit
     from toolkit.distributed import world_from_env
-    from toolkit.images import check_output, save_samples
+    from toolkit.images import check_output
     from toolkit.shards import is_shard_folder
 
     world = world_from_env()
@@ -452,9 +452,8 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
         return
     batches = -(-n // batch_size)
     with progress_bar(batches * pipe.iterations, "sample", quiet) as bar:
-        samples = pipe.sample(n, seed=seed, labels=labels,
-                              progress=(lambda k: bar.update(k)) if bar is not None else None)
-    save_samples(samples, out, nrow=nrow)
+        pipe.save(out, n, seed=seed, labels=labels, nrow=nrow,
+                  progress=(lambda k: bar.update(k)) if bar is not None else None)
     click.echo(f"wrote {out} ({n} samples, {pipe.sampler.name} {pipe.steps} steps = {pipe.nfe} network calls, "
                f"{pipe.schedule.name} schedule)")
 
@@ -481,14 +480,14 @@ def export_dataset_cmd(dataset, data_options, fmt, out) -> None:
 @click.option("--out", required=True, type=click.Path(), help=".npy array or .png grid of all samples.")
 def merge_cmd(folder, out) -> None:
     """Join the shards of a sharded `compose --out FOLDER/` run into one file, in sample order."""
-    from toolkit.images import check_output, save_samples
-    from toolkit.shards import merge
+    from toolkit.images import check_output, save_stream
+    from toolkit.shards import merge_batches
 
     check_output(out)
     _hold_output_lock(out)
-    samples = merge(folder)
-    save_samples(samples, out)
-    click.echo(f"wrote {out} ({len(samples)} samples)")
+    shape, batches = merge_batches(folder)
+    save_stream(out, shape, batches)
+    click.echo(f"wrote {out} ({shape[0]} samples)")
 
 
 def _session(path, device: str):
@@ -505,8 +504,8 @@ def _session(path, device: str):
 
 def _compose_onnx(path, pipe, class_, n, seed, batch_size, out, device, scale, quiet) -> None:
     """compose --backend onnxruntime: the same samples as the torch backend, computed by onnxruntime."""
-    from toolkit.exporters.onnx import sample_onnx
-    from toolkit.images import save_samples
+    from toolkit.exporters.onnx import onnx_batches
+    from toolkit.images import save_stream
 
     session = _session(path, device)
     labels, nrow = parse_classes(class_, n, session.num_classes)
@@ -516,8 +515,8 @@ def _compose_onnx(path, pipe, class_, n, seed, batch_size, out, device, scale, q
         raise ToolkitError("--scale needs a guided graph")
     if labels is not None and nrow is not None:
         n = len(labels)
-    samples = sample_onnx(session, n, seed=seed, labels=labels, scale=scale, batch_size=batch_size)
-    save_samples(samples, out, nrow=nrow)
+    save_stream(out, (n, *session.output_shape), lambda: onnx_batches(
+        session, n, seed=seed, labels=labels, scale=scale, batch_size=batch_size), nrow=nrow)
     meta = session.metadata
     calls = f" = {meta['nfe']} network calls" if meta.get("nfe") else ""
     click.echo(f"wrote {out} ({n} samples, {meta['sampler']} {meta['steps']} steps{calls}, {meta['schedule']} schedule, "

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterator
 
 from toolkit.errors import ToolkitError
+from toolkit.files import through_link
 
 
 @contextmanager
@@ -19,7 +20,7 @@ def output_lock(path: str | os.PathLike) -> Iterator[None]:
     except ImportError:  # not POSIX: no lock, as before
         yield
         return
-    path = Path(path)
+    path = through_link(path)  # two names of one output share its lock
     parent = path.parent if str(path.parent) else Path(".")
     lock = parent / f".{path.name}.lock"
     while True:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -11,7 +13,7 @@ import attrs
 from attrs import define, field
 from torch import Tensor, nn
 
-from toolkit import diffusion
+from toolkit import diffusion, limits
 from toolkit.errors import ToolkitError, parse_device
 from toolkit.noise import NoiseStreams
 from toolkit.protocols import Guidance, ModelFn, NoisePredictor, Sampler, Schedule
@@ -161,11 +163,16 @@ class Pipeline:
 
     def check_labels(self, n: int, labels: int | Sequence[int] | Tensor | None) -> Tensor | None:
         """Labels as a [n] long tensor (cycled if shorter), the null label when None, checked in range."""
+        y = self._label_cycle(n, labels)
+        return None if y is None else y.repeat((n + y.numel() - 1) // y.numel())[:n]
+
+    def _label_cycle(self, n: int, labels: int | Sequence[int] | Tensor | None) -> Tensor | None:
+        """The labels checked but not expanded: sample i takes label i mod len (memory bounded by the input)."""
         K = self.num_classes
         if labels is None:
             if self.guidance is not None:
                 raise ToolkitError(f"{self.guidance.name} guidance needs class labels (--class)")
-            return None if K is None else torch.full((n,), K, dtype=torch.long)
+            return None if K is None else torch.tensor([K], dtype=torch.long)
         if K is None:
             raise ToolkitError("this model is unconditional: it takes no class labels")
         y = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
@@ -174,7 +181,7 @@ class Pipeline:
         if int(y.min()) < 0 or int(y.max()) >= K:
             bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
             raise ToolkitError(f"class label {bad} is out of range: this model has classes 0..{K - 1}")
-        return y.repeat((n + y.numel() - 1) // y.numel())[:n]
+        return y
 
     @torch.no_grad()
     def sample(
@@ -196,6 +203,33 @@ class Pipeline:
         one per sample (a guidance sweep in one batch). ``offset`` numbers this call's samples
         offset..offset+n-1, so shards of a large run reproduce a single run exactly.
         """
+        return torch.cat(list(self.batches(n, seed, labels, noise, scale=scale, offset=offset,
+                                           batch_size=batch_size, progress=progress)))
+
+    def save(self, path: str | os.PathLike, n: int, seed: int = 0,
+             labels: int | Sequence[int] | Tensor | None = None, *, nrow: int | None = None,
+             batch_size: int | None = None, progress: Callable[[int], None] | None = None, **kwargs: Any) -> Path:
+        """Sample n into ``path``: a .npy is written batch by batch (memory bounded by the batch, whatever n),
+        a .png grid is refused beyond a size a viewer can open. Nothing is left at ``path`` on failure."""
+        from toolkit.images import save_stream
+
+        return save_stream(path, (n, *self.output_shape), lambda: self.batches(
+            n, seed, labels, batch_size=batch_size, progress=progress, **kwargs), nrow=nrow)
+
+    @torch.no_grad()
+    def batches(
+        self,
+        n: int,
+        seed: int = 0,
+        labels: int | Sequence[int] | Tensor | None = None,
+        noise: Tensor | None = None,
+        *,
+        scale: float | Sequence[float] | Tensor | None = None,
+        offset: int = 0,
+        batch_size: int | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> Iterator[Tensor]:
+        """The samples of :meth:`sample`, one batch at a time (on the CPU): what a large run streams to disk."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ToolkitError(f"n must be a positive integer, got {n!r}")
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
@@ -203,7 +237,7 @@ class Pipeline:
         shape = self.sample_shape
         if noise is not None and tuple(noise.shape) != (n, *shape):
             raise ToolkitError(f"noise must have shape {(n, *shape)}, got {tuple(noise.shape)}")
-        y = self.check_labels(n, labels)
+        y = self._label_cycle(n, labels)
         scales = None
         if scale is not None:
             if self.guidance is None:
@@ -213,20 +247,29 @@ class Pipeline:
                 raise ToolkitError(f"scale must be one number or one per sample ({n}), got {scales.numel()}")
             if bool((scales < 0).any()):
                 raise ToolkitError("guidance scale must not be negative")
-            scales = scales.expand(n) if scales.numel() == 1 else scales
         bs = batch_size or self.batch_size
+        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+            raise ToolkitError(f"batch_size must be a positive integer, got {bs!r}")
+        bs = min(bs, n)
+        limits.fits_memory(f"a batch of {bs} samples of shape {list(shape)}", 4 * bs * math.prod(shape) * 4,
+                           "lower the batch size")
+        return self._batches(n, seed, y, noise, scales, offset, bs, progress)
+
+    @torch.no_grad()
+    def _batches(self, n, seed, y, noise, scales, offset, bs, progress) -> Iterator[Tensor]:
         from toolkit.sampling import is_v2, run_plan, stream_noise_fn
 
+        shape = self.sample_shape
         plan = self.plan if is_v2(self.sampler) else None
-        out = []
         for start in range(0, n, bs):
             stop = min(n, start + bs)
             streams = NoiseStreams(seed, range(offset + start, offset + stop), shape, self.device)
             x_T = streams.draw()
             if noise is not None:
                 x_T = noise[start:stop].to(self.device, torch.float32)
-            yb = y[start:stop].to(self.device) if y is not None else None
-            sb = scales[start:stop].to(self.device) if scales is not None else None
+            yb = y[torch.arange(start, stop) % y.numel()].to(self.device) if y is not None else None
+            sb = (scales[start:stop] if scales.numel() > 1 else scales.expand(stop - start)).to(self.device) \
+                if scales is not None else None
             sampler = self.sampler_for(yb, sb)
             if plan is not None:
                 x0 = run_plan(sampler, self.model_fn(yb, sb), plan, x_T,
@@ -241,8 +284,7 @@ class Pipeline:
                 x0 = self.latent.decode(x0)
             if not torch.isfinite(x0).all():
                 raise ToolkitError("sampling produced NaN or infinite values")
-            out.append(x0.clamp(-1, 1).cpu())
-        return torch.cat(out)
+            yield x0.clamp(-1, 1).cpu()
 
 
 def _resolve(kind: str, obj: Any, **options: Any) -> Any:

@@ -3,17 +3,20 @@ of one run; rank 0 writes an index; ``merge`` joins them. Sample i is the same a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from toolkit import schema
 from toolkit.distributed import World, shard
 from toolkit.errors import ToolkitError
 from toolkit.files import atomic_write
+from toolkit.images import write_npy
 
 INDEX = "index.json"
 
@@ -21,17 +24,17 @@ INDEX = "index.json"
 def run_id(n: int, seed: int, labels: Sequence[int] | None, world_size: int, scale: Any, shape,
            meta: dict[str, Any] | None) -> str:
     """What every rank of one run agrees on (settings, not time): shards of another run cannot pass for it."""
-    import hashlib
-
     text = json.dumps([n, seed, None if labels is None else list(labels), world_size, scale, list(shape),
                        (meta or {}).get("command")], default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _digest(arr: np.ndarray) -> str:
-    import hashlib
-
-    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()[:16]
+def _digest(arr: np.ndarray, rows: int = 4096) -> str:
+    """sha256 of the array's bytes, read ``rows`` at a time (a memory-mapped shard is never loaded whole)."""
+    h = hashlib.sha256()
+    for i in range(0, len(arr), rows):
+        h.update(np.ascontiguousarray(arr[i:i + rows]).tobytes())
+    return h.hexdigest()[:16]
 
 
 def shard_name(rank: int, size: int) -> str:
@@ -55,18 +58,20 @@ def sample_shard(pipe, out: str | os.PathLike, n: int, seed: int, labels: Sequen
     folder.mkdir(exist_ok=True)
     start, stop = shard(n, world)
     path = folder / shard_name(world.rank, world.size)
-    if stop > start:
-        y = None
-        if labels is not None:
-            full = [labels[i % len(labels)] for i in range(n)]
-            y = full[start:stop]
-        x = pipe.sample(stop - start, seed=seed, labels=y, scale=scale, offset=start, progress=progress)
-        arr = x.to(torch.float32).numpy()
-    else:
-        arr = np.zeros((0, *pipe.output_shape), np.float32)
+    h = hashlib.sha256()
+
+    def hashed(batches):
+        for batch in batches:
+            h.update(np.ascontiguousarray(batch.to(torch.float32).numpy(), dtype="<f4").tobytes())
+            yield batch
+
+    batches = []
+    if stop > start:  # sample i takes label i mod len(labels), as in one process
+        y = None if labels is None else [*labels[start % len(labels):], *labels[:start % len(labels)]]
+        batches = pipe.batches(stop - start, seed=seed, labels=y, scale=scale, offset=start, progress=progress)
     run = run_id(n, seed, labels, world.size, scale, pipe.output_shape, meta)
-    atomic_write(path, lambda tmp: np.save(tmp, arr))
-    side = json.dumps({"run": run, "rank": world.rank, "start": start, "stop": stop, "sha256": _digest(arr)})
+    write_npy(path, (stop - start, *pipe.output_shape), hashed(batches))
+    side = json.dumps({"run": run, "rank": world.rank, "start": start, "stop": stop, "sha256": h.hexdigest()[:16]})
     atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(side))
     if world.main:
         shards = []
@@ -82,26 +87,41 @@ def sample_shard(pipe, out: str | os.PathLike, n: int, seed: int, labels: Sequen
 
 def merge(folder: str | os.PathLike) -> torch.Tensor:
     """All shards of a sharded run in sample order, [n, *shape]; a missing or wrong shard is an error."""
+    _, batches = merge_batches(folder)
+    return torch.cat(list(batches()))
+
+
+def merge_batches(folder: str | os.PathLike, rows: int = 4096) -> tuple[tuple[int, ...], Callable[[], Iterator[torch.Tensor]]]:
+    """The merged run's shape and its samples in order, ``rows`` at a time. Every shard is checked first
+    (index schema, run id, range, content hash, shape), read memory-mapped, so nothing is written for a bad run
+    and memory stays bounded whatever n is."""
     folder = Path(folder)
     index_path = folder / INDEX
     if not index_path.is_file():
         raise ToolkitError(f"{str(folder)!r} has no {INDEX}: not a sharded sampling run")
     try:
-        index = json.loads(index_path.read_text())
-        shards = index["shards"]
-        n, shape = int(index["n"]), tuple(index["shape"])
-    except (ValueError, KeyError, TypeError) as exc:
+        index = schema.check_shard_index(json.loads(index_path.read_text()))
+    except (ValueError, UnicodeDecodeError) as exc:  # ToolkitError is a ValueError
         raise ToolkitError(f"{str(index_path)!r} is not a valid shard index ({exc})") from None
-    parts = []
-    for s in shards:
+    shape = tuple(index["shape"])
+    arrays = []
+    for s in index["shards"]:
         file = folder / s["file"]
         if not file.is_file():
             raise ToolkitError(f"shard {s['file']} is missing from {str(folder)!r} (did that rank finish?)")
-        arr = np.load(file)
+        try:
+            arr = np.load(file, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise ToolkitError(f"shard {s['file']} is truncated or not a .npy array ({exc})") from None
+        if arr.dtype != np.float32 or arr.shape != (s["stop"] - s["start"], *shape):
+            raise ToolkitError(f"shard {s['file']} holds {arr.dtype} {list(arr.shape)}, expected float32 "
+                               f"{[s['stop'] - s['start'], *shape]}")
         if index.get("run") is not None:  # since run ids: every shard must be of this run, and unchanged
             side = file.with_suffix(".json")
             try:
                 info = json.loads(side.read_text())
+                if not isinstance(info, dict):
+                    raise ValueError("not an object")
             except (OSError, ValueError):
                 raise ToolkitError(f"shard {s['file']} has no readable {side.name}: cannot tell which run it "
                                    "belongs to") from None
@@ -110,11 +130,11 @@ def merge(folder: str | os.PathLike) -> torch.Tensor:
                                    f"than {INDEX}: refusing to mix runs")
             if info.get("sha256") != _digest(arr):
                 raise ToolkitError(f"shard {s['file']} was changed or replaced after its run wrote it")
-        if arr.shape != (s["stop"] - s["start"], *shape):
-            raise ToolkitError(f"shard {s['file']} holds {list(arr.shape)}, expected "
-                               f"{[s['stop'] - s['start'], *shape]}")
-        parts.append(arr)
-    out = np.concatenate(parts)
-    if len(out) != n:
-        raise ToolkitError(f"shards hold {len(out)} samples, the index says {n}")
-    return torch.from_numpy(out)
+        arrays.append(arr)
+
+    def batches() -> Iterator[torch.Tensor]:
+        for arr in arrays:
+            for i in range(0, len(arr), rows):
+                yield torch.from_numpy(np.array(arr[i:i + rows]))
+
+    return (index["n"], *shape), batches

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from toolkit import checkpoint, diffusion, distributed
+from toolkit import checkpoint, diffusion, distributed, limits, schema
 from toolkit._version import __version__
 from toolkit.data import ArrayDataset
 from toolkit.errors import CheckpointError, ToolkitError, parse_device
@@ -29,6 +29,7 @@ from toolkit.registry import create
 TASKS = ("noise_predictor", "classifier", "features", "autoencoder")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SYNC_EVERY = 10  # steps between reading the loss back (progress bar, divergence check)
+TRAINING_COPIES = 5  # weights, EMA, gradients and AdamW's two moments
 RESUMABLE_CHANGES = ("steps", "checkpoint_every")  # everything else must match the checkpoint to resume
 
 
@@ -47,6 +48,12 @@ def _seed(instance, attribute, value) -> None:
         raise ToolkitError(f"seed must be an integer in 0..2^63-1, got {value!r}")
 
 
+def _count(high: int = limits.MAX_COUNT, low: int = 1):
+    def check(instance, attribute, value) -> None:
+        limits.integer(attribute.name.replace("_", "-"), value, low, high)
+    return check
+
+
 def _unit(instance, attribute, value) -> None:
     if not 0.0 <= value < 1.0:
         raise ToolkitError(f"{attribute.name.replace('_', '-')} must lie in [0, 1), got {value!r}")
@@ -62,21 +69,21 @@ class TrainConfig:
     model: str = "unet"
     model_options: dict[str, Any] = field(factory=dict)
     schedule: str = "cosine"
-    num_timesteps: int = field(default=1000, validator=_positive)
+    num_timesteps: int = field(default=1000, validator=_count(limits.MAX_TIMESTEPS))
     prediction: str = "epsilon"
     loss: str = field(default="simple", validator=validators.in_(("simple", "hybrid")))
     learned_variance: bool = False
     conditional: bool | None = None  # None: class-conditional when the data set has labels
     p_uncond: float = field(default=0.1, validator=_unit)
-    steps: int = field(default=4000, validator=_positive)
-    batch_size: int = field(default=128, validator=_positive)
+    steps: int = field(default=4000, validator=_count())
+    batch_size: int = field(default=128, validator=_count())
     lr: float = field(default=1e-3, validator=_positive)
     weight_decay: float = field(default=0.0, validator=_non_negative)
-    warmup: int = field(default=100, validator=_non_negative)
+    warmup: int = field(default=100, validator=_count(low=0))
     ema_decay: float = field(default=0.999, validator=_unit)
     grad_clip: float = field(default=1.0, validator=_non_negative)  # 0: no clipping (NaN would silently be the same)
     seed: int = field(default=0, validator=_seed)
-    checkpoint_every: int = field(default=1000, validator=_positive)
+    checkpoint_every: int = field(default=1000, validator=_count())
     holdout: float = field(default=0.0, validator=_unit)  # fraction of the data kept out, to report accuracy
     latent: str | None = None  # autoencoder checkpoint: train on its (scaled) latents of the data
 
@@ -113,20 +120,31 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor]) -> N
     opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
 
 
+def _recorded(kind: str, name: str) -> dict[str, str]:
+    """The plugin's own name and its distribution: the checkpoint finds the same plugin again (``dist:name``)
+    even when another installed plugin registers the same name later."""
+    from toolkit.registry import get_registry
+
+    entry = get_registry().lookup(kind, name)
+    return {"name": entry.name, "dist": entry.dist}
+
+
 def build(config: TrainConfig, data: ArrayDataset) -> nn.Module:
     """The network the config describes, shaped for the data."""
     if config.task == "autoencoder":
         if config.latent:
             raise ToolkitError("an autoencoder trains on the data itself: drop --latent")
-        model = create("latent", config.model, **{**config.model_options, "sample_shape": data.sample_shape})
+        model = limits.bounded_module(f"autoencoder {config.model!r}", lambda: create(
+            "latent", config.model, **{**config.model_options, "sample_shape": data.sample_shape}), TRAINING_COPIES)
         if not isinstance(model, nn.Module):
             raise ToolkitError(f"autoencoder {config.model!r} is not a torch.nn.Module and cannot be trained")
         return model
     if config.task in ("classifier", "features"):
         if data.y is None:
             raise ToolkitError(f"dataset {data.name!r} has no labels: it cannot train a classifier")
-        model = create("classifier", config.model, **{**config.model_options, "sample_shape": data.sample_shape,
-                                                         "num_classes": data.num_classes})
+        model = limits.bounded_module(f"classifier {config.model!r}", lambda: create(
+            "classifier", config.model, **{**config.model_options, "sample_shape": data.sample_shape,
+                                           "num_classes": data.num_classes}), TRAINING_COPIES)
         if not isinstance(model, nn.Module):
             raise ToolkitError(f"classifier {config.model!r} is not a torch.nn.Module and cannot be trained")
         return model
@@ -140,7 +158,8 @@ def build(config: TrainConfig, data: ArrayDataset) -> nn.Module:
     options = dict(config.model_options)
     options.update(sample_shape=data.sample_shape, num_classes=data.num_classes if conditional else None,
                    prediction=config.prediction, learned_variance=config.learned_variance)
-    model = create("model", config.model, **options)
+    model = limits.bounded_module(f"model {config.model!r}", lambda: create("model", config.model, **options),
+                                  TRAINING_COPIES)
     if not isinstance(model, nn.Module):
         raise ToolkitError(f"model {config.model!r} is not a torch.nn.Module and cannot be trained")
     return model
@@ -314,7 +333,9 @@ def train(
             raise CheckpointError(f"cannot resume {str(out)!r}: it was trained with {k}={old[k]!r}, not {new[k]!r}")
         config = TrainConfig(**new)
         state = checkpoint.read_tensors(out, checkpoint.TRAINING_STATE)
-        start_step = int(saved["training"]["step"])
+        if "training" not in saved:
+            raise CheckpointError(f"cannot resume {str(out)!r}: its {checkpoint.CONFIG} has no training record")
+        start_step = saved["training"]["step"]
         history = list(saved["training"].get("commands") or [saved["training"].get("command")])
 
     data = create("dataset", config.dataset, **config.dataset_options)
@@ -334,11 +355,16 @@ def train(
     model = build(config, data).to(device)
     classifier = config.task in ("classifier", "features")
     autoencoder = config.task == "autoencoder"
+    model_kind = "latent" if autoencoder else "classifier" if classifier else "model"
     conditional = model.num_classes is not None and not autoencoder
     config = TrainConfig(**{**config.to_json(), "conditional": conditional})
     ema = _ema(model, config.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     if state is not None:
+        try:
+            schema.check_training_state(state, list(model.parameters()))
+        except ToolkitError as exc:
+            raise CheckpointError(f"cannot resume {str(out)!r}: {checkpoint.TRAINING_STATE}: {exc}") from None
         checkpoint.load_state(model, {k[6:]: v for k, v in state.items() if k.startswith("model.")}, str(out))
         ema_state = checkpoint.read_tensors(out, checkpoint.WEIGHTS)
         checkpoint.load_state(ema.module, ema_state, str(out))
@@ -347,6 +373,9 @@ def train(
         _load_optimizer(opt, {k: v if k.endswith(".step") else v.to(device)
                               for k, v in state.items() if k.startswith("optim.")})
 
+    # the batch, its noise and x_t alone: activations need more, but a batch that cannot even hold this is refused
+    limits.fits_memory(f"--batch-size {config.batch_size}", 3 * config.batch_size * data.x[0].numel() * 4,
+                       "lower --batch-size")
     x_all = data.x.to(device)
     y_all = data.y.to(device) if conditional else None
     N = len(data)
@@ -378,8 +407,8 @@ def train(
         cfg = {
             "kind": config.task,
             "toolkit_version": __version__,
-            "model": {"name": config.model, "options": options},
-            "schedule": {"name": config.schedule, "options": {"num_timesteps": config.num_timesteps}},
+            "model": {**_recorded(model_kind, config.model), "options": options},
+            "schedule": {**_recorded("schedule", config.schedule), "options": {"num_timesteps": config.num_timesteps}},
             "data": {"dataset": config.dataset, "options": config.dataset_options, "name": data.name,
                      "shape": list(data.sample_shape), "num_classes": data.num_classes, "levels": data.levels,
                      "range": [-1, 1], "class_names": list(data.class_names) if data.class_names else None},

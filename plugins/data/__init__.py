@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from toolkit.data import ArrayDataset, levels_to_unit
+from toolkit import limits
 from toolkit.errors import ToolkitError
 from toolkit.hookspecs import hookimpl
 
@@ -26,6 +27,9 @@ def digits() -> ArrayDataset:
                         levels=17, class_names=tuple(str(i) for i in range(10)))
 
 
+MAX_IMAGE_PIXELS = 8192 * 8192  # a larger image in a folder data set is refused before it is decoded
+
+
 def folder(path: str, size: int = 32, channels: int = 3) -> ArrayDataset:
     """Every image under ``path`` (recursively), resized to size×size; sub-folders become classes."""
     from PIL import Image
@@ -39,13 +43,21 @@ def folder(path: str, size: int = 32, channels: int = 3) -> ArrayDataset:
     mode = {1: "L", 3: "RGB"}.get(channels)
     if mode is None:
         raise ToolkitError("folder dataset: channels must be 1 or 3")
+    size = limits.integer("folder dataset: size", size, 1, 4096)
+    limits.fits_memory(f"folder dataset: {len(files)} images of {size}×{size}", 5 * len(files) * size * size * channels,
+                       "use a smaller size")
     arrays = []
     for f in files:
         try:
-            with Image.open(f) as im:
+            with Image.open(f) as im:  # reads the header only: the size is checked before anything is decoded
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise ToolkitError(f"folder dataset: {f} is {im.width}×{im.height} pixels, more than the "
+                                       f"{MAX_IMAGE_PIXELS // 2**20} megapixels an image may have here")
                 im = im.convert(mode).resize((size, size), Image.Resampling.BICUBIC)
                 arrays.append(np.asarray(im, dtype=np.uint8).reshape(size, size, channels))
-        except OSError as exc:
+        except (OSError, Image.DecompressionBombError, SyntaxError, ValueError) as exc:
+            if isinstance(exc, ToolkitError):
+                raise
             raise ToolkitError(f"folder dataset: cannot read {f}: {exc}") from exc
     x = levels_to_unit(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2), 256)
     classes = sorted({f.parent.relative_to(root).as_posix() for f in files})
@@ -102,6 +114,9 @@ def array(path: str, key: str = "x", labels_key: str = "y", levels: int | None =
         if not np.issubdtype(y.dtype, np.integer):
             raise ToolkitError("array dataset: labels must be integers")
         yt = torch.from_numpy(y.astype(np.int64))
+        if len(yt) and not 0 <= int(yt.min()) <= int(yt.max()) < limits.MAX_CLASSES:
+            bad = int(yt.min()) if int(yt.min()) < 0 else int(yt.max())
+            raise ToolkitError(f"array dataset: labels must lie in 0..{limits.MAX_CLASSES - 1}, found {bad}")
         num_classes = int(yt.max()) + 1 if len(yt) else None
     return ArrayDataset(f"array:{p.stem}", xt.contiguous(), yt, num_classes, levels)
 

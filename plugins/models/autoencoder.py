@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from toolkit import limits
 from toolkit.errors import ToolkitError
 
 from .unet import _groups
@@ -35,7 +36,11 @@ class ConvAutoencoder(nn.Module):
     def __init__(self, sample_shape: tuple[int, ...] = (1, 8, 8), latent_channels: int = 2, downsample: int = 2,
                  base_channels: int = 32, kl_weight: float = 1e-6, num_classes: int | None = None):
         super().__init__()
-        sample_shape = tuple(int(s) for s in sample_shape)
+        sample_shape = limits.sample_shape(sample_shape)
+        latent_channels = limits.integer("latent_channels", latent_channels, 1, 65536)
+        downsample = limits.integer("downsample", downsample, 1, 65536)
+        base_channels = limits.integer("base_channels", base_channels, 1, 65536)
+        kl_weight = limits.number("kl_weight", kl_weight, 0.0)
         if len(sample_shape) != 3:
             raise ToolkitError(f"autoencoder needs image data [C, H, W], got sample shape {sample_shape}")
         levels = int(round(math.log2(downsample))) if downsample >= 1 else -1

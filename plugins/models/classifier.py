@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from toolkit import limits
 from toolkit.errors import ToolkitError
 
 from .layers import ConditionEmbedding
@@ -18,7 +19,11 @@ class NoisyClassifier(nn.Module):
     def __init__(self, sample_shape: tuple[int, ...] = (1, 8, 8), num_classes: int = 10, base_channels: int = 32,
                  channel_mult: tuple[int, ...] = (1, 2), attention_heads: int = 4):
         super().__init__()
-        sample_shape = tuple(int(s) for s in sample_shape)
+        sample_shape = limits.sample_shape(sample_shape)
+        base_channels = limits.integer("base_channels", base_channels, 1, 65536)
+        channel_mult = tuple(limits.integer("channel_mult", m, 1, 64) for m in channel_mult)
+        attention_heads = limits.integer("attention_heads", attention_heads, 1, 65536)
+        num_classes = limits.classes(num_classes)
         if len(sample_shape) != 3:
             raise ToolkitError(f"classifier needs image data [C, H, W], got sample shape {sample_shape}")
         if num_classes is None or int(num_classes) < 2:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from toolkit import limits
 from toolkit.errors import ToolkitError
 
 
@@ -18,7 +19,10 @@ class FeatureCNN(nn.Module):
     def __init__(self, sample_shape: tuple[int, ...] = (1, 8, 8), num_classes: int = 10, width: int = 32,
                  feature_dim: int = 128):
         super().__init__()
-        sample_shape = tuple(int(s) for s in sample_shape)
+        sample_shape = limits.sample_shape(sample_shape)
+        width = limits.integer("width", width, 1, 65536)
+        feature_dim = limits.integer("feature_dim", feature_dim, 1, 65536)
+        num_classes = limits.classes(num_classes)
         if num_classes is None or int(num_classes) < 2:
             raise ToolkitError("a feature network is trained as a classifier: it needs at least two classes")
         self.sample_shape = sample_shape

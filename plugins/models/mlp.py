@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from toolkit import limits
 from toolkit.errors import ToolkitError
 
 from .layers import ConditionEmbedding, check_input
@@ -17,7 +18,10 @@ class MLP(nn.Module):
                  hidden: int = 128, layers: int = 3, learned_variance: bool = False,
                  prediction: str = "epsilon"):
         super().__init__()
-        sample_shape = tuple(int(s) for s in sample_shape)
+        sample_shape = limits.sample_shape(sample_shape)
+        hidden = limits.integer("hidden", hidden, 1, 65536)
+        layers = limits.integer("layers", layers, 0, 1024)
+        num_classes = limits.classes(num_classes)
         if len(sample_shape) != 1:
             raise ToolkitError(f"mlp needs vector data [D], got sample shape {sample_shape}; use unet for images")
         if prediction not in ("epsilon", "v", "x0"):

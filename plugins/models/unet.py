@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from toolkit import limits
 from toolkit.errors import ToolkitError
 
 from .layers import ConditionEmbedding, check_input
@@ -75,8 +76,15 @@ class UNet(nn.Module):
         prediction: str = "epsilon",
     ):
         super().__init__()
-        sample_shape = tuple(int(s) for s in sample_shape)
-        channel_mult = tuple(int(m) for m in channel_mult)
+        sample_shape = limits.sample_shape(sample_shape)
+        channel_mult = tuple(limits.integer("channel_mult", m, 1, 64) for m in channel_mult)
+        base_channels = limits.integer("base_channels", base_channels, 1, 65536)
+        num_res_blocks = limits.integer("num_res_blocks", num_res_blocks, 1, 64)
+        attention_heads = limits.integer("attention_heads", attention_heads, 1, 65536)
+        dropout = limits.number("dropout", dropout, 0.0, 1.0, high_open=True)
+        num_classes = limits.classes(num_classes)
+        if not channel_mult:
+            raise ToolkitError("channel_mult must list at least one level")
         if len(sample_shape) != 3:
             raise ToolkitError(f"unet needs image data [C, H, W], got sample shape {sample_shape}; use mlp for vectors")
         C, H, W = sample_shape
@@ -85,8 +93,6 @@ class UNet(nn.Module):
             raise ToolkitError(f"unet with {len(channel_mult)} levels needs H and W divisible by {factor}, got {H}×{W}")
         if prediction not in ("epsilon", "v", "x0"):
             raise ToolkitError(f"prediction must be epsilon, v or x0, not {prediction!r}")
-        if num_classes is not None and num_classes < 1:
-            raise ToolkitError("num_classes must be positive")
         self.sample_shape = sample_shape
         self.num_classes = num_classes
         self.learned_variance = bool(learned_variance)
