@@ -208,3 +208,39 @@ def test_ranks_started_with_different_options_refuse(tmp_path):
         assert p.returncode == 2, err[-2000:]
         assert f"rank {rank}: error: rank 1 runs with seed=1 but rank 0 with seed=0" in err, err[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_dead_peer_is_one_line_on_the_survivor(tmp_path):
+    """Two ranks started by hand (no torchrun to stop the survivor): rank 1 is killed mid-run, rank 0's failed
+    collective is one line saying so, not a gloo traceback or an 'internal error'."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    procs = []
+    for rank in (0, 1):
+        env = {**ENV, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        cmd = [sys.executable, "-m", "toolkit", "train", *map(str, TINY), "--steps", "100000", "--batch-size", "8",
+               "--checkpoint-every", "2", "--out", str(out)]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        deadline = time.time() + 120
+        while not (out / "config.json").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        procs[1].kill()
+        _, err = procs[0].communicate(timeout=120)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    lines = err.strip().splitlines()
+    assert procs[0].returncode == 1 and len(lines) == 1, err[-2000:]
+    assert lines[0].startswith("rank 0: error: another rank of this run stopped"), lines[0]
+    assert toolkit_step(out) >= 2  # the last checkpoint is intact
+
+
+def toolkit_step(out):
+    return json.loads((out / "config.json").read_text())["training"]["step"]

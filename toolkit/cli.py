@@ -117,9 +117,15 @@ class ToolkitGroup(click.Group):
         except Exception as exc:  # noqa: BLE001 - a bug, ours or a plugin's: one line unless asked for more
             import os
 
+            from toolkit.distributed import peer_failure
+
             if os.environ.get("TOOLKIT_DEBUG", "").strip() not in ("", "0"):
                 raise
             text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            if peer_failure(exc):
+                click.echo(f"{_rank_prefix()}error: another rank of this run stopped (it died, was killed or hangs), "
+                           f"so this rank stops too; see the other ranks' output ({text[:160]})", err=True)
+                sys.exit(1)
             click.echo(f"{_rank_prefix()}error: internal error: {type(exc).__name__}"
                        f"{': ' + text if text else ''} (TOOLKIT_DEBUG=1 shows the traceback)", err=True)
             sys.exit(1)

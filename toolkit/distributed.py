@@ -72,6 +72,17 @@ def check_same(settings: dict, world: World) -> None:
                                f"{key}={first.get(key)!r}: start every rank with the same options")
 
 
+def peer_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because another rank is gone (or timed out), not a bug here."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(m in text for m in (
+        "Connection reset by peer", "Connection closed by peer", "Broken pipe", "gloo", "NCCL", "Timed out"))
+
+
 def local_device(device: torch.device, world: World) -> torch.device:
     """cuda → this rank's GPU (cuda:LOCAL_RANK); cpu stays cpu."""
     if device.type == "cuda" and world.distributed:
