@@ -271,7 +271,7 @@ def test_an_internal_error_is_one_line_unless_debugging(monkeypatch):
     (["--lr", "inf"], "lr must be a positive finite number"),
     (["--weight-decay", "-1"], "weight-decay must be a finite number ≥ 0"),
     (["--grad-clip", "nan"], "grad-clip must be a finite number ≥ 0"),
-    (["--seed", str(10**23)], "seed must be an integer in 0..2^63-1"),
+    (["--seed", str(10**23)], "'--seed': 100000000000000000000000 is not in the range 0<=x<=9223372036854775807"),
 ])
 def test_training_numbers_are_validated(tmp_path, args, message):
     one_line_error(run("train", "--steps", 1, *args, "--out", tmp_path / "x"), message)

@@ -158,3 +158,18 @@ def test_a_malformed_shard_index(tmp_path, edit, message):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "index.json").write_text(json.dumps(index))
     one_line_error(run("merge", tmp_path / "run", "--out", tmp_path / "all.npy"), message)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["compose", "-n", 2, "--seed", -1, "--out", "x.npy"], "'--seed': -1 is not in the range"),
+    (["compose", "-n", 2, "--seed", 10**23, "--out", "x.npy"], "is not in the range 0<=x<=9223372036854775807"),
+    (["evaluate", "--metric", "fid", "-n", 10**12], "-n 1000000000000 samples of shape [1, 8, 8] needs"),
+    (["evaluate", "--steps", 2], "Missing option '--metric'. Choose from: nll, fid, ode"),  # click's 4 lines, as one
+    (["train", "--dataset", "moons", "--data-option", "n=100000000000", "--model", "mlp", "--out", "m"],
+     "moons: n must be an integer in 2..10000000"),
+    (["train", "--dataset", "moons", "--data-option", "n=0", "--model", "mlp", "--out", "m"], "moons: n must be"),
+])
+def test_every_command_bounds_its_numbers(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    one_line_error(run(*args), message)
+    assert list(tmp_path.iterdir()) == []

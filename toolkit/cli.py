@@ -62,6 +62,9 @@ def progress_bar(length: int, label: str, quiet: bool) -> Iterator:
         yield bar
 
 
+SEED = click.IntRange(0, 2**63 - 1)  # what every seeded command accepts (sample streams mix it as 64 bits)
+
+
 def _rank_prefix() -> str:
     """'rank N: ' in a torchrun process, so a failing rank is named; empty otherwise."""
     import os
@@ -102,8 +105,9 @@ class ToolkitGroup(click.Group):
         except click.Abort:
             click.echo("aborted", err=True)
             sys.exit(130)
-        except click.ClickException as exc:
-            click.echo(f"{_rank_prefix()}error: {exc.format_message()}", err=True)
+        except click.ClickException as exc:  # click's own messages may span lines (a list of choices)
+            message = " ".join(line.strip() for line in exc.format_message().splitlines() if line.strip())
+            click.echo(f"{_rank_prefix()}error: {message}", err=True)
             sys.exit(2)
         except ToolkitError as exc:
             click.echo(f"{_rank_prefix()}error: {exc}", err=True)
@@ -198,7 +202,7 @@ def _train_options(default_model: str, default_steps: int, lr: float = 1e-3, ema
         click.option("--weight-decay", default=0.0, show_default=True, type=float),
         click.option("--ema-decay", default=ema_decay, show_default=True, type=float),
         click.option("--grad-clip", default=1.0, show_default=True, type=float),
-        click.option("--seed", default=0, show_default=True, type=int),
+        click.option("--seed", default=0, show_default=True, type=SEED),
         click.option("--checkpoint-every", default=1000, show_default=True, type=int),
         click.option("--out", required=True, type=click.Path(), help="Checkpoint directory to write."),
         click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out."),
@@ -379,7 +383,7 @@ def sampler_and_guidance_options(sampler_options, eta, spacing, variance, guidan
 @click.option("--latent", default=None, help="Autoencoder of a latent model (default: the one it records).")
 @click.option("--class", "class_", default=None, help="Label, comma list of labels, or 'all'.")
 @click.option("-n", "n", default=64, show_default=True, type=int, help="Number of samples.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--batch-size", default=500, show_default=True, type=int)
 @click.option("--out", default="samples.png", show_default=True, type=click.Path(), help=".png grid or .npy array.")
 @click.option("--device", default="cpu", show_default=True)
@@ -614,7 +618,7 @@ def _float_list(text: str | None, what: str) -> list[float] | None:
 @click.option("--unconditional", is_flag=True, help="fid: sample a class-conditional model from the null label.")
 @click.option("-n", "n", default=None, type=int, help="fid/ode: samples per row (default fid 1000, ode 100).")
 @click.option("--plot", default=None, type=click.Path(), help="fid: write a PNG of quality against steps.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--batch-size", default=500, show_default=True, type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--out", default=None, type=click.Path(), help="Also write the JSON to this file.")

@@ -15,7 +15,7 @@ import torch
 from attrs import asdict, define
 from torch import Tensor
 
-from toolkit import diffusion
+from toolkit import diffusion, limits
 from toolkit.data import ArrayDataset
 from toolkit.errors import ToolkitError
 from toolkit.metrics import class_entropy, frechet_distance
@@ -420,6 +420,8 @@ def sample_quality(model: str | os.PathLike | None, samplers: Sequence[tuple[str
     if n < 2:
         raise ToolkitError(f"-n must be at least 2 for a Fréchet distance, got {n}")
     pipes = _sweep_pipelines(model, samplers, steps, guidance, guidance_options, device, batch_size)
+    shape = next(iter(pipes.values())).output_shape
+    limits.fits_memory(f"-n {n} samples of shape {list(shape)}", 2 * n * math.prod(shape) * 4, "lower -n")
     if on_start is not None:
         on_start(sum(p.iterations * -(-n // batch_size) for p in pipes.values()))
     first = next(iter(pipes.values()))

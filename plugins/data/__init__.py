@@ -121,6 +121,17 @@ def array(path: str, key: str = "x", labels_key: str = "y", levels: int | None =
     return ArrayDataset(f"array:{p.stem}", xt.contiguous(), yt, num_classes, levels)
 
 
+TOY_MAX = 10_000_000  # points of a 2-D toy (160 MB as float64 while it is made)
+
+
+def _toy_options(name: str, n: int, seed: int, **scales: float) -> None:
+    """The toys' options checked before any point is drawn."""
+    limits.integer(f"{name}: n", n, 2, TOY_MAX)
+    limits.integer(f"{name}: seed", seed, 0, 2**63 - 1)
+    for key, value in scales.items():
+        limits.number(f"{name}: {key}", value, 0.0)
+
+
 def _toy(name: str, points: np.ndarray) -> ArrayDataset:
     x = torch.from_numpy(points.astype(np.float32))
     x = (x - x.mean(0)) / x.std(0)  # unit variance per dimension, like the data the schedule assumes
@@ -129,6 +140,7 @@ def _toy(name: str, points: np.ndarray) -> ArrayDataset:
 
 def moons(n: int = 8000, noise: float = 0.05, seed: int = 0) -> ArrayDataset:
     """Two interleaving half circles (as scikit-learn's make_moons)."""
+    _toy_options("moons", n, seed, noise=noise)
     rng = np.random.default_rng(seed)
     n_out = n // 2
     a = np.linspace(0, math.pi, n_out)
@@ -140,6 +152,7 @@ def moons(n: int = 8000, noise: float = 0.05, seed: int = 0) -> ArrayDataset:
 
 def swissroll(n: int = 8000, noise: float = 0.3, seed: int = 0) -> ArrayDataset:
     """The 2-D Swiss roll: t·(cos t, sin t) for t in [1.5π, 4.5π]."""
+    _toy_options("swissroll", n, seed, noise=noise)
     rng = np.random.default_rng(seed)
     t = 1.5 * math.pi * (1 + 2 * rng.random(n))
     pts = np.stack([t * np.cos(t), t * np.sin(t)], 1)
@@ -148,6 +161,8 @@ def swissroll(n: int = 8000, noise: float = 0.3, seed: int = 0) -> ArrayDataset:
 
 def gaussians8(n: int = 8000, radius: float = 2.0, std: float = 0.02, seed: int = 0) -> ArrayDataset:
     """Eight Gaussians on a circle, labelled by mode (a class-conditional toy)."""
+    _toy_options("gaussians8", n, seed, std=std)
+    limits.number("gaussians8: radius", radius, 1e-9)
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 8, n)
     angle = y * (2 * math.pi / 8)
