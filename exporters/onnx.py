@@ -6,7 +6,8 @@ One step is traced once with torch.export (dynamic batch) and converted by torch
 the sampling run is then built at the ONNX level from that step, either as an ONNX ``Loop`` over the
 step (graph size and export time independent of the number of steps) or unrolled (one copy of the
 step's nodes per step, the weights shared). Exported graphs take their noise as inputs: random
-operators inside ONNX are not reproducible across runtimes or execution providers.
+operators inside ONNX are not reproducible across runtimes, so the default graph makes its noise with the
+toolkit's own counter-based generator (toolkit.rng) written in integer ONNX operators.
 """
 
 from __future__ import annotations
@@ -28,10 +29,14 @@ from toolkit.pipeline import Pipeline
 from toolkit.sampling import as_v2, check_standard_loop, is_v2
 
 SAMPLER_KIND = "diffusion-toolkit-sampler"
+RNG_NAME = "toolkit-counter-1"  # toolkit.rng: lowbias32 keyed by (seed, index, draw), Box-Muller
 PREDICTOR_KIND = "diffusion-toolkit-predictor"
 OPSET = 18
 LAYOUTS = ("loop", "unrolled")
 DEFAULT_LAYOUT = "loop"
+NOISE_MODES = ("seed", "inputs")  # noise made in the graph from a seed, or fed by the app
+DEFAULT_NOISE = "seed"
+METADATA_VERSION = 2  # every metadata value is JSON
 MAX_BATCH = 1 << 20
 
 
@@ -124,6 +129,7 @@ def _to_onnx(module: nn.Module, args: tuple, names: list[str], dynamic: tuple, o
     finally:
         quiet.setLevel(level)
     model = onnx_program.model_proto
+    _name_batch_dim(model)
     for inp in model.graph.input:
         dim0 = inp.type.tensor_type.shape.dim[0] if inp.type.tensor_type.shape.dim else None
         dims = inp.type.tensor_type.shape.dim
@@ -136,6 +142,18 @@ def _to_onnx(module: nn.Module, args: tuple, names: list[str], dynamic: tuple, o
 
 
 # ---------------------------------------------------------------- building the run from one step
+
+
+def _name_batch_dim(model) -> None:
+    """torch.export names the dynamic batch after a symbol (``s13``): call it ``batch`` everywhere."""
+    first = model.graph.input[0].type.tensor_type.shape.dim if model.graph.input else []
+    symbol = first[0].dim_param if first and first[0].dim_param else None
+    if symbol is None or symbol == "batch":
+        return
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param == symbol:
+                dim.dim_param = "batch"
 
 
 def _renamer(keep: set[str], mapping: dict[str, str], prefix: str):
@@ -176,11 +194,116 @@ def _copy_graph(onnx, model, prefix: str, mapping: dict[str, str], initializers:
     return nodes, [mapping.get(o.name, prefix + o.name) for o in model.graph.output]
 
 
+def _check(nodes: list, ok: str, message: str, dtype: str = "float") -> str:
+    """A node that fails with ``message`` (its name, which onnxruntime prints) unless the int64 scalar ``ok`` is 1:
+    ONNX has no assert, so a Gather from a one-element table gets an index out of range. Returns a float 0 that
+    the caller adds into the run, so the check is never pruned as dead code."""
+    from onnx import TensorProto, helper
+
+    k = len(nodes)
+    kind = TensorProto.FLOAT if dtype == "float" else TensorProto.INT64
+    nodes.append(helper.make_node("Constant", [], [f"chk{k}/table"], value=helper.make_tensor(
+        f"chk{k}/t", kind, [1], [0.0 if dtype == "float" else 0])))
+    nodes.append(helper.make_node("Constant", [], [f"chk{k}/one"], value=helper.make_tensor(
+        f"chk{k}/o", TensorProto.INT64, [], [1])))
+    nodes.append(helper.make_node("Constant", [], [f"chk{k}/bad"], value=helper.make_tensor(
+        f"chk{k}/b", TensorProto.INT64, [], [1 << 40])))
+    nodes.append(helper.make_node("Constant", [], [f"chk{k}/zero"], value=helper.make_tensor(
+        f"chk{k}/z", TensorProto.INT64, [], [0])))
+    nodes.append(helper.make_node("Equal", [ok, f"chk{k}/one"], [f"chk{k}/pass"]))
+    nodes.append(helper.make_node("Where", [f"chk{k}/pass", f"chk{k}/zero", f"chk{k}/bad"], [f"chk{k}/index"]))
+    nodes.append(helper.make_node("Gather", [f"chk{k}/table", f"chk{k}/index"], [f"chk{k}/out"], axis=0,
+                                  name=f"input check failed: {message}"))
+    return f"chk{k}/out"
+
+
+def _all(nodes: list, cond: str, tag: str) -> str:
+    """int64 scalar 1 when every element of the bool tensor ``cond`` is true."""
+    from onnx import TensorProto, helper
+
+    nodes.append(helper.make_node("Cast", [cond], [f"{tag}/int"], to=TensorProto.INT64))
+    nodes.append(helper.make_node("ReduceMin", [f"{tag}/int"], [f"{tag}/all"], keepdims=0))
+    return f"{tag}/all"
+
+
+def _same_batch(nodes: list, a: str, a_axis: int, b: str, tag: str) -> str:
+    from onnx import helper
+
+    nodes.append(helper.make_node("Shape", [a], [f"{tag}/sa"], start=a_axis, end=a_axis + 1))
+    nodes.append(helper.make_node("Shape", [b], [f"{tag}/sb"], start=0, end=1))
+    nodes.append(helper.make_node("Equal", [f"{tag}/sa", f"{tag}/sb"], [f"{tag}/eq"]))
+    return _all(nodes, f"{tag}/eq", tag)
+
+
+def _input_checks(nodes: list, inputs: list[str], batch_ref: str, num_classes: int | None) -> dict[str, list[str]]:
+    """In-graph checks of the inputs an app feeds (every runtime gets them, not only Python's): labels in
+    0..K and of batch length, scale finite, ≥ 0 and of batch length, noise of batch length, seed and index ≥ 0.
+    Returns the zeros to add to labels, scale and x_T: every consumer of an input then runs after its check."""
+    from onnx import TensorProto, helper
+
+    def const(name: str, value, kind=TensorProto.INT64) -> str:
+        nodes.append(helper.make_node("Constant", [], [name], value=helper.make_tensor(name + "_v", kind, [], [value])))
+        return name
+
+    zeros: dict[str, list[str]] = {"labels": [], "scale": [], "x": []}
+    if "labels" in inputs and num_classes is not None:
+        ge = helper.make_node("GreaterOrEqual", ["labels", const("chk/l0", 0)], ["chk/lge"])
+        le = helper.make_node("LessOrEqual", ["labels", const("chk/lK", int(num_classes))], ["chk/lle"])
+        nodes += [ge, le, helper.make_node("And", ["chk/lge", "chk/lle"], ["chk/lin"])]
+        zeros["labels"].append(_check(nodes, _all(nodes, "chk/lin", "chk/labels"),
+                                      f"labels must lie in 0..{num_classes} ({num_classes}: the null label)", "int"))
+        zeros["labels"].append(_check(nodes, _same_batch(nodes, "labels", 0, batch_ref, "chk/lb"),
+                                      f"labels must hold one label per sample (the batch of {batch_ref})", "int"))
+    if "scale" in inputs:
+        nodes.append(helper.make_node("GreaterOrEqual", ["scale", const("chk/s0", 0.0, TensorProto.FLOAT)], ["chk/sge"]))
+        nodes.append(helper.make_node("IsInf", ["scale"], ["chk/sinf"]))
+        nodes.append(helper.make_node("Not", ["chk/sinf"], ["chk/sfin"]))
+        nodes.append(helper.make_node("And", ["chk/sge", "chk/sfin"], ["chk/sok"]))
+        zeros["scale"].append(_check(nodes, _all(nodes, "chk/sok", "chk/scale"), "scale must be finite and >= 0"))
+        zeros["scale"].append(_check(nodes, _same_batch(nodes, "scale", 0, batch_ref, "chk/sb"),
+                                     f"scale must hold one value per sample (the batch of {batch_ref})"))
+    if "noise" in inputs:
+        zeros["x"].append(_check(nodes, _same_batch(nodes, "noise", 1, batch_ref, "chk/nb"),
+                                 "noise must be [slots, batch, ...] with the batch of x_T"))
+    for name in ("seed", "index"):
+        if name in inputs:
+            nodes.append(helper.make_node("GreaterOrEqual", [name, const(f"chk/{name}0", 0)], [f"chk/{name}ge"]))
+            zeros["x"].append(_check(nodes, _all(nodes, f"chk/{name}ge", f"chk/{name}"), f"{name} must be >= 0"))
+    for name in ("labels", "scale"):  # the checked input: name_checked = name + its checks' zeros
+        value = name
+        for k, zero in enumerate(zeros[name]):
+            nodes.append(helper.make_node("Add", [value, zero], [f"{name}_checked{k}"]))
+            value = f"{name}_checked{k}"
+        zeros[name] = [value]
+    return zeros
+
+
+def _seed_noise(nodes: list, prefix: str, draws: list[str], sample_shape: tuple[int, ...], out: str) -> None:
+    """Step noise [len(draws), batch, *shape] from the graph inputs seed and index (toolkit.rng, in ONNX)."""
+    from onnx import TensorProto, helper
+
+    from toolkit.rng import onnx_normal_nodes
+
+    parts = []
+    for k, draw in enumerate(draws):
+        z = f"{prefix}z{k}"
+        nodes += onnx_normal_nodes(f"{prefix}rng{k}/", "seed", "index", draw, sample_shape, z)
+        nodes.append(helper.make_node("Constant", [], [f"{prefix}ax{k}"],
+                                      value=helper.make_tensor(f"{prefix}ax{k}_v", TensorProto.INT64, [1], [0])))
+        nodes.append(helper.make_node("Unsqueeze", [z, f"{prefix}ax{k}"], [f"{z}/u"]))
+        parts.append(f"{z}/u")
+    nodes.append(helper.make_node("Concat", parts, [out], axis=0))
+
+
 def _sampler_model(step_model, iterations: int, draws: int, inputs: list[str], sample_shape: tuple[int, ...],
-                   layout: str, init_model=None, decoder=None, output_shape: tuple[int, ...] | None = None):
+                   layout: str, init_model=None, decoder=None, output_shape: tuple[int, ...] | None = None,
+                   num_classes: int | None = None):
     """The whole run as one ONNX model from the one-step model (inputs x, i[, noise, labels, scale],
     state...; outputs x_prev, state...): the initial state from x_T (``init_model``), then an ONNX Loop
-    (or unrolled copies) carrying (x, *state), then a latent pipeline's decoder (input z)."""
+    (or unrolled copies) carrying (x, *state), then a latent pipeline's decoder (input z).
+
+    ``inputs`` names the graph's inputs: ``seed`` and ``index`` (the noise is made inside the graph by
+    toolkit.rng: x_T is draw 0, iteration k's draws are 1 + k·D ...), or ``x_T`` (and ``noise``)."""
     onnx = _onnx()
     from onnx import TensorProto, helper
 
@@ -190,9 +313,15 @@ def _sampler_model(step_model, iterations: int, draws: int, inputs: list[str], s
     state_in = [n for n in step_in if n.startswith("state")]
     step_outs = [o.name for o in g.output]  # x_prev, then the new state in order
     n_state = len(state_in)
+    seeded = "seed" in inputs
     has_noise = "noise" in inputs
+    makes_noise = seeded and draws > 0
     batch_dims: list[Any] = ["batch", *sample_shape]
-    graph_inputs = [helper.make_tensor_value_info("x_T", TensorProto.FLOAT, batch_dims)]
+    if seeded:
+        graph_inputs = [helper.make_tensor_value_info("seed", TensorProto.INT64, []),
+                        helper.make_tensor_value_info("index", TensorProto.INT64, ["batch"])]
+    else:
+        graph_inputs = [helper.make_tensor_value_info("x_T", TensorProto.FLOAT, batch_dims)]
     if has_noise:
         graph_inputs.append(helper.make_tensor_value_info("noise", TensorProto.FLOAT,
                                                           [iterations * draws, *batch_dims]))
@@ -200,23 +329,41 @@ def _sampler_model(step_model, iterations: int, draws: int, inputs: list[str], s
         graph_inputs.append(helper.make_tensor_value_info("labels", TensorProto.INT64, ["batch"]))
     if "scale" in inputs:
         graph_inputs.append(helper.make_tensor_value_info("scale", TensorProto.FLOAT, ["batch"]))
-    outer = {"labels": "labels", "scale": "scale"}
     nodes: list = []
+    checked = _input_checks(nodes, inputs, "index" if seeded else "x_T", num_classes)
+    outer = {"labels": checked["labels"][0] if "labels" in inputs else "labels",
+             "scale": checked["scale"][0] if "scale" in inputs else "scale"}
+    zeros = checked["x"]
+    source = "x_T"
+    if seeded:
+        from toolkit.rng import onnx_normal_nodes
+
+        nodes.append(helper.make_node("Constant", [], ["draw0"], value=helper.make_tensor(
+            "draw0_v", TensorProto.INT64, [], [0])))
+        nodes += onnx_normal_nodes("xT/", "seed", "index", "draw0", sample_shape, "x_T_drawn")
+        source = "x_T_drawn"
+    nodes.append(helper.make_node("Sum", [source, *zeros], ["x_start"]))  # + the checks' zeros
     initializers = list(g.initializer)
     init_state: list[str] = []
     if n_state:
-        init_nodes, init_state = _copy_graph(onnx, init_model, "init/", {"x": "x_T"}, initializers)
+        init_nodes, init_state = _copy_graph(onnx, init_model, "init/", {"x": "x_start"}, initializers)
         nodes += init_nodes
     if has_noise:  # iteration i reads noise slots i·D .. i·D + D - 1
         initializers.append(helper.make_tensor("noise_slots", TensorProto.INT64, [iterations, draws],
                                                list(range(iterations * draws))))
     if layout == "unrolled":
-        x, state = "x_T", list(init_state)
+        x, state = "x_start", list(init_state)
         for k in range(iterations):
             p = f"step{k}/"
             mapping = {**outer, "x": x, "i": p + "i", **dict(zip(state_in, state))}
             nodes.append(helper.make_node("Constant", [], [p + "i"], value=helper.make_tensor(
                 p + "i_value", TensorProto.INT64, [], [k])))
+            if makes_noise:
+                for d in range(draws):
+                    nodes.append(helper.make_node("Constant", [], [f"{p}draw{d}"], value=helper.make_tensor(
+                        f"{p}draw{d}_v", TensorProto.INT64, [], [1 + k * draws + d])))
+                _seed_noise(nodes, p + "noise/", [f"{p}draw{d}" for d in range(draws)], sample_shape, p + "noise")
+                mapping["noise"] = p + "noise"
             if has_noise:
                 nodes.append(helper.make_node("Gather", ["noise_slots", p + "i"], [p + "slots"], axis=0))
                 nodes.append(helper.make_node("Gather", ["noise", p + "slots"], [p + "noise"], axis=0))
@@ -228,6 +375,16 @@ def _sampler_model(step_model, iterations: int, draws: int, inputs: list[str], s
     else:
         body_nodes = []
         mapping = {**outer, "x": "x_in", "i": "iter", **{s_: f"{s_}_in" for s_ in state_in}}
+        if makes_noise:  # iteration i's draws 1 + i·D + d
+            for d in range(draws):
+                body_nodes.append(helper.make_node("Constant", [], [f"D{d}"], value=helper.make_tensor(
+                    f"D{d}_v", TensorProto.INT64, [], [draws])))
+                body_nodes.append(helper.make_node("Constant", [], [f"off{d}"], value=helper.make_tensor(
+                    f"off{d}_v", TensorProto.INT64, [], [1 + d])))
+                body_nodes.append(helper.make_node("Mul", ["iter", f"D{d}"], [f"iD{d}"]))
+                body_nodes.append(helper.make_node("Add", [f"iD{d}", f"off{d}"], [f"step_draw{d}"]))
+            _seed_noise(body_nodes, "noise/", [f"step_draw{d}" for d in range(draws)], sample_shape, "noise_i")
+            mapping["noise"] = "noise_i"
         if has_noise:
             body_nodes.append(helper.make_node("Gather", ["noise_slots", "iter"], ["slots_i"], axis=0))
             body_nodes.append(helper.make_node("Gather", ["noise", "slots_i"], ["noise_i"], axis=0))
@@ -253,7 +410,7 @@ def _sampler_model(step_model, iterations: int, draws: int, inputs: list[str], s
                                       value=helper.make_tensor("S", TensorProto.INT64, [], [iterations])))
         nodes.append(helper.make_node("Constant", [], ["cond"],
                                       value=helper.make_tensor("true", TensorProto.BOOL, [], [True])))
-        nodes.append(helper.make_node("Loop", ["trip_count", "cond", "x_T", *init_state],
+        nodes.append(helper.make_node("Loop", ["trip_count", "cond", "x_start", *init_state],
                                       ["x_loop", *[f"{s_}_final" for s_ in state_in]], body=body))
         final = "x_loop"
     if decoder is not None:  # latent diffusion: decode the final latents inside the graph
@@ -293,40 +450,46 @@ def sampler_options(sampler: Any) -> dict[str, Any]:
 
 
 def sampler_metadata(pipeline: Pipeline, layout: str, inputs: list[str]) -> dict[str, str]:
-    """What travels in the ONNX file's metadata_props (all strings, JSON where structured)."""
+    """What travels in the ONNX file's metadata_props: every value JSON-encoded (``"cosine"``, ``10``,
+    ``null``), so any runtime reads them with one JSON parser; the same object is written to PATH.json."""
     sampler = pipeline.sampler
     plan = pipeline.plan
     data = pipeline.config.get("data", {})
     guidance = pipeline.guidance
-    return {
+    meta = {
         "kind": SAMPLER_KIND,
+        "metadata_version": METADATA_VERSION,
         "toolkit_version": __version__,
         "schedule": pipeline.schedule.name,
-        "num_timesteps": str(pipeline.schedule.num_timesteps),
+        "num_timesteps": pipeline.schedule.num_timesteps,
         "sampler": sampler.name,
-        "sampler_options": json.dumps(sampler_options(sampler), sort_keys=True),
-        "plugin_api": str(2 if is_v2(sampler) else 1),
-        "steps": str(pipeline.steps),
-        "iterations": str(len(plan)),
-        "nfe": str(plan.nfe),
-        "draws_per_step": str(plan.draws_per_step),
-        "noise_slots": str(plan.noise_slots),
-        "timesteps": json.dumps(plan.t.tolist()),
-        "eta": json.dumps(getattr(sampler, "eta", None)),
-        "stochastic": json.dumps(plan.draws_per_step > 0),
-        "sample_shape": json.dumps(list(pipeline.sample_shape)),
-        "value_range": "[-1, 1]",
-        "num_classes": json.dumps(pipeline.num_classes),
-        "class_names": json.dumps(data.get("class_names")),
-        "dataset": json.dumps(data.get("name")),
-        "guidance": guidance.name if guidance is not None else "",
-        "guidance_scale": json.dumps(getattr(guidance, "scale", None)) if guidance is not None else "",
-        "model": json.dumps(pipeline.config.get("model", {}).get("name")),
+        "sampler_options": sampler_options(sampler),
+        "plugin_api": 2 if is_v2(sampler) else 1,
+        "steps": pipeline.steps,
+        "iterations": len(plan),
+        "nfe": plan.nfe,
+        "draws_per_step": plan.draws_per_step,
+        "noise_slots": plan.noise_slots,
+        "noise": "seed" if "seed" in inputs else "inputs",
+        "rng": RNG_NAME,
+        "timesteps": plan.t.tolist(),
+        "eta": getattr(sampler, "eta", None),
+        "stochastic": plan.draws_per_step > 0,
+        "sample_shape": list(pipeline.sample_shape),
+        "output_shape": list(pipeline.output_shape),
+        "value_range": [-1, 1],
+        "num_classes": pipeline.num_classes,
+        "null_label": pipeline.num_classes,
+        "class_names": data.get("class_names"),
+        "dataset": data.get("name"),
+        "guidance": guidance.name if guidance is not None else None,
+        "guidance_scale": getattr(guidance, "scale", None) if guidance is not None else None,
+        "model": pipeline.config.get("model", {}).get("name"),
         "layout": layout,
-        "inputs": json.dumps(inputs),
-        "output_shape": json.dumps(list(pipeline.output_shape)),
-        "latent": json.dumps(pipeline.latent.to_json() if pipeline.latent is not None else None),
+        "inputs": inputs,
+        "latent": pipeline.latent.to_json() if pipeline.latent is not None else None,
     }
+    return {k: json.dumps(v, sort_keys=True) for k, v in meta.items()}
 
 
 def _save(model, path: str | os.PathLike, meta: dict[str, str]) -> Path:
@@ -344,21 +507,29 @@ def _save(model, path: str | os.PathLike, meta: dict[str, str]) -> Path:
     except Exception as exc:  # noqa: BLE001
         raise ToolkitError(f"the exported graph is not valid ONNX ({_first_line(exc)})") from exc
     atomic_write(path, lambda tmp: onnx.save_model(model, tmp))
+    sidecar = json.dumps({k: json.loads(v) for k, v in meta.items()}, indent=2, sort_keys=True) + "\n"
+    atomic_write(Path(f"{path}.json"), lambda tmp: Path(tmp).write_text(sidecar))  # for apps without protobuf
     return path
 
 
 def export_sampler(pipeline: Pipeline, path: str | os.PathLike, *, layout: str = DEFAULT_LAYOUT,
-                   steps: int | None = None) -> Path:
-    """Write the whole sampling run of ``pipeline`` (sampler, steps, guidance) as one ONNX graph.
+                   steps: int | None = None, noise: str = DEFAULT_NOISE) -> Path:
+    """Write the whole sampling run of ``pipeline`` (sampler, steps, guidance) as one ONNX graph, and its
+    metadata as JSON beside it (PATH.json).
 
-    Inputs: x_T [B, *shape] float32; noise [N, B, *shape] for a sampler that draws noise (N =
-    iterations × draws per step, metadata ``noise_slots``; iteration i reads slots i·D..i·D+D-1, and a
-    slot a step does not use, such as ddpm's last, is ignored); labels [B] int64 for a class-conditional model (the null
-    label K samples unconditionally); scale [B] float32 with guidance. Output: x0 [B, *shape] in [-1, 1].
+    ``noise="seed"`` (the default): inputs seed [] int64 and index [B] int64 (the sample numbers, e.g.
+    0..B-1); the graph makes x_T and every step's noise itself with toolkit.rng, so sample i of seed s is
+    the same in every runtime. ``noise="inputs"``: x_T [B, *shape] float32, and noise [N, B, *shape] for a
+    sampler that draws noise (N = iterations × draws per step, metadata ``noise_slots``; iteration i reads
+    slots i·D..i·D+D-1). Both: labels [B] int64 for a class-conditional model (the null label K samples
+    unconditionally); scale [B] float32 with guidance. Output: x0 [B, *shape] in [-1, 1]. The graph refuses
+    labels outside 0..K, inputs of another batch size and a negative or non-finite scale.
     ``layout``: "loop" (an ONNX Loop over one step) or "unrolled".
     """
     if layout not in LAYOUTS:
         raise ToolkitError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+    if noise not in NOISE_MODES:
+        raise ToolkitError(f"noise must be one of {', '.join(NOISE_MODES)}, not {noise!r}")
     if steps is not None and steps != pipeline.steps:
         from attrs import evolve
 
@@ -395,13 +566,14 @@ def export_sampler(pipeline: Pipeline, path: str | os.PathLike, *, layout: str =
     if state:
         init_model = _to_onnx(InitGraph(step.sampler, step.step_plan).eval(), (x_ex,), ["x"], ({0: B},),
                               [f"init{k}" for k in range(len(state))], f"the initial state of {what}")
-    inputs = ["x_T"] + [n for n in names[2:] if not n.startswith("state")]
+    inputs = [n for n in names[2:] if not n.startswith("state")]
+    inputs = ["seed", "index", *(n for n in inputs if n != "noise")] if noise == "seed" else ["x_T", *inputs]
     decoder = None
     if pipeline.latent is not None:
         decoder = _to_onnx(DecoderGraph(pipeline.latent).eval(), (torch.randn(b, *shape),), ["z"], ({0: B},), "x",
                            "the latent decoder")
     model = _sampler_model(step_model, step.iterations, step.draws, inputs, shape, layout, init_model, decoder,
-                           pipeline.output_shape)
+                           pipeline.output_shape, pipeline.num_classes)
     return _save(model, path, sampler_metadata(pipeline, layout, inputs))
 
 
@@ -444,11 +616,23 @@ def export_predictor(predictor: nn.Module | Pipeline, path: str | os.PathLike,
     dynamic = ({0: B}, {0: B}, {0: B} if conditional else None)
     model = _to_onnx(PredictorGraph(predictor).eval(), args, names, dynamic, "out", "the predictor")
     cfg = config or {}
-    meta = {"kind": PREDICTOR_KIND, "toolkit_version": __version__, "sample_shape": json.dumps(list(shape)),
-            "num_classes": json.dumps(predictor.num_classes), "prediction": getattr(predictor, "prediction", "epsilon"),
-            "learned_variance": json.dumps(bool(getattr(predictor, "learned_variance", False))),
-            "schedule": json.dumps(cfg.get("schedule")), "inputs": json.dumps(names), "value_range": "[-1, 1]"}
-    return _save(model, path, meta)
+    prediction = getattr(predictor, "prediction", "epsilon")
+    alphas_cumprod = None
+    if cfg.get("schedule"):  # an app can write its own sampling loop from ᾱ_t (Ho et al. eq. 4)
+        from toolkit.checkpoint import build_schedule
+
+        alphas_cumprod = build_schedule(cfg).alphas_cumprod.tolist()
+    meta = {"kind": PREDICTOR_KIND, "metadata_version": METADATA_VERSION, "toolkit_version": __version__,
+            "sample_shape": list(shape), "num_classes": predictor.num_classes,
+            "null_label": predictor.num_classes, "prediction": prediction,
+            "output": {"epsilon": "the noise ε", "v": "the velocity v = √ᾱ ε − √(1−ᾱ) x_0",
+                       "x0": "the clean sample x_0"}.get(prediction, prediction)
+            + (", then the variance interpolation v of Improved DDPM (channels C..2C)"
+               if getattr(predictor, "learned_variance", False) else ""),
+            "learned_variance": bool(getattr(predictor, "learned_variance", False)),
+            "schedule": cfg.get("schedule"), "alphas_cumprod": alphas_cumprod, "inputs": names,
+            "value_range": [-1, 1] if prediction == "x0" else None}  # ε and v are unbounded
+    return _save(model, path, {k: json.dumps(v, sort_keys=True) for k, v in meta.items()})
 
 
 # ---------------------------------------------------------------- the onnxruntime backend of compose
@@ -540,30 +724,26 @@ def sample_onnx(session, n: int, seed: int = 0, labels: Any = None, scale: Any =
 def onnx_batches(session, n: int, seed: int = 0, labels: Any = None, scale: Any = None, *, offset: int = 0,
                  batch_size: int = 500) -> Iterator[Tensor]:
     """The samples of :func:`sample_onnx`, one batch at a time (what ``compose -n LARGE --out x.npy`` streams)."""
+    from toolkit.exporters.runtime import GraphError
+
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ToolkitError(f"n must be a positive integer, got {n!r}")
-    shape = session.sample_shape
-    stochastic = "noise" in session.inputs
-    y = None if labels is None else torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-    if y is not None and not y.numel():
+    y = None if labels is None else list(labels) if isinstance(labels, (list, tuple)) else labels
+    if isinstance(y, list) and not y:
         raise ToolkitError("labels must not be empty")
-    return _onnx_batches(session, n, seed, y, scale, offset, batch_size, shape, stochastic)
 
+    def batches() -> Iterator[Tensor]:
+        for start in range(0, n, batch_size):
+            stop = min(n, start + batch_size)
+            yb = y
+            if isinstance(y, list):  # sample i takes label i mod len(labels)
+                yb = [y[i % len(y)] for i in range(start, stop)]
+            scale_b = scale[start:stop] if isinstance(scale, (list, tuple)) and len(scale) == n else scale
+            try:
+                x = session.sample(stop - start, seed=seed, labels=yb, scale=scale_b, offset=offset + start,
+                                   batch_size=stop - start)
+            except GraphError as exc:
+                raise ToolkitError(str(exc)) from exc
+            yield torch.from_numpy(x)
 
-def _onnx_batches(session, n, seed, y, scale, offset, batch_size, shape, stochastic) -> Iterator[Tensor]:
-    from toolkit.noise import NoiseStreams
-
-    for start in range(0, n, batch_size):
-        stop = min(n, start + batch_size)
-        streams = NoiseStreams(seed, range(offset + start, offset + stop), shape)
-        x_T = streams.draw()
-        noise = None
-        if stochastic:
-            noise = torch.stack([streams.draw() for _ in range(session.noise_slots)]).numpy()
-        scale_b = scale[start:stop] if isinstance(scale, (list, tuple)) and len(scale) == n else scale
-        try:
-            x = session.run(x_T.numpy(), noise, None if y is None else y[torch.arange(start, stop) % y.numel()].numpy(),
-                            scale_b)
-        except ValueError as exc:
-            raise ToolkitError(str(exc)) from exc
-        yield torch.from_numpy(x)
+    return batches()

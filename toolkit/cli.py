@@ -528,7 +528,7 @@ def _compose_onnx(path, pipe, class_, n, seed, batch_size, out, device, scale, q
     save_stream(out, (n, *session.output_shape), lambda: onnx_batches(
         session, n, seed=seed, labels=labels, scale=scale, batch_size=batch_size), nrow=nrow)
     meta = session.metadata
-    calls = f" = {meta['nfe']} network calls" if meta.get("nfe") else ""
+    calls = f" = {meta['nfe']} network calls" if meta.get("nfe") else ""  # noqa: E501
     click.echo(f"wrote {out} ({n} samples, {meta['sampler']} {meta['steps']} steps{calls}, {meta['schedule']} schedule, "
                f"onnxruntime {session.provider})")
 
@@ -544,9 +544,13 @@ def export_group() -> None:
 @_pipeline_options()
 @click.option("--layout", type=click.Choice(["loop", "unrolled"]), default="loop", show_default=True,
               help="An ONNX Loop over one step (small, loads fast) or every step unrolled.")
-@click.option("--out", required=True, type=click.Path(), help="The .onnx file to write.")
+@click.option("--noise", "noise_mode", type=click.Choice(["seed", "inputs"]), default="seed", show_default=True,
+              help="seed: inputs seed and index, the graph makes its own noise (the same samples as "
+                   "`compose --seed` everywhere); inputs: the app feeds x_T (and noise).")
+@click.option("--out", required=True, type=click.Path(), help="The .onnx file to write (and its metadata as "
+              "FILE.json).")
 def export_onnx_cmd(model, component, schedule, sampler, steps, eta, spacing, variance, sampler_options,
-                    num_timesteps, guidance, scale, classifier, layout, out) -> None:
+                    num_timesteps, guidance, scale, classifier, layout, noise_mode, out) -> None:
     """Write an ONNX graph that onnxruntime runs without torch.
 
     With --guidance cfg the scale is a graph input (one per sample); --scale is the default recorded
@@ -577,7 +581,7 @@ def export_onnx_cmd(model, component, schedule, sampler, steps, eta, spacing, va
     else:
         pipe = toolkit.compose(schedule=schedule, sampler=sampler, model=model, guidance=guidance, steps=steps,
                                num_timesteps=num_timesteps, guidance_options=guidance_options, **options)
-        path = exporter.export_sampler(pipe, out, layout=layout)
+        path = exporter.export_sampler(pipe, out, layout=layout, noise=noise_mode)
     size = Path(path).stat().st_size
     click.echo(f"wrote {path} ({size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s)")
 

@@ -239,7 +239,8 @@ class _ToyNet(torch.nn.Module):
 def check_exported(sampler: Sampler, schedule: Schedule | None = None, steps: int = 5,
                    shape: tuple[int, ...] = (1, 4, 4)) -> None:
     """The sampler's whole run exported to ONNX (dynamic batch, Loop layout) equals the torch loop within
-    1e-4 at two batch sizes, with the same x_T and noise; the export is refused only with a ToolkitError."""
+    1e-4: the seed-only graph for the same seed, and the noise-input graph at two batch sizes fed the same
+    x_T and noise; the export is refused only with a ToolkitError."""
     import os
     import tempfile
 
@@ -255,11 +256,15 @@ def check_exported(sampler: Sampler, schedule: Schedule | None = None, steps: in
     net = _ToyNet(shape).eval()
     pipe = Pipeline(schedule=schedule, predictor=net, sampler=sampler, steps=steps)
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "sampler.onnx")
+        path, seeded = os.path.join(tmp, "sampler.onnx"), os.path.join(tmp, "seeded.onnx")
         try:
-            export_sampler(pipe, path)
+            export_sampler(pipe, path, noise="inputs")
+            export_sampler(pipe, seeded)
         except ToolkitError as exc:
             raise AssertionError(f"sampler {name!r}: cannot be exported: {exc}") from exc
+        got = SamplerSession(seeded, provider="cpu").sample(3, seed=5)  # the graph makes the noise itself
+        diff = float(np.abs(got - pipe.sample(3, seed=5).numpy()).max())
+        assert diff <= 1e-4, f"sampler {name!r}: the seed-only graph differs from torch by {diff:.3g}"
         session = SamplerSession(path, provider="cpu")
         plan = as_v2(sampler).plan(schedule, steps)
         for batch in (3, 1):
