@@ -95,7 +95,8 @@ def main() -> None:
             out = json.loads(r.stdout.strip().splitlines()[-1])
             results["onnxruntime-node"] = (out["load_s"], out["run_s"])
         if web is not None:
-            site = web.site_with(tmp / f"site-{len(rows)}", [ROOT / "bench" / "js" / "bench.html"],
+            site = web.site_with(tmp / f"site-{len(rows)}", [ROOT / "bench" / "js" / "bench.html",
+                                                             ROOT / "bench" / "js" / "feeds.mjs"],
                                  ROOT / "examples" / "onnx-web" / "node_modules", [graph])
             out = web.run_page(chromium, site, f"bench.html?graph={graph.name}&batch={B}&rounds={args.rounds}", 1200)
             if "error" in out:

@@ -2,6 +2,7 @@
 //   node bench/js/bench_node.mjs GRAPH.onnx BATCH ROUNDS  → one JSON line {load_s, run_s: [...]}
 import { readFileSync } from "node:fs";
 import { createRequire } from "node:module";
+import { feeds as makeFeeds } from "./feeds.mjs";
 
 const require = createRequire(new URL("../../examples/onnx-node/package.json", import.meta.url));
 const ort = require("onnxruntime-node");
@@ -11,12 +12,7 @@ const B = Number(batchText), rounds = Number(roundsText);
 const t0 = performance.now();
 const session = await ort.InferenceSession.create(graph, { intraOpNumThreads: Number(threadsText || 2), interOpNumThreads: 1 });
 const load = (performance.now() - t0) / 1000;
-const feeds = {
-  seed: new ort.Tensor("int64", BigInt64Array.from([0n]), []),
-  index: new ort.Tensor("int64", BigInt64Array.from({ length: B }, (_, i) => BigInt(i)), [B]),
-};
-if (meta.inputs.includes("labels")) feeds.labels = new ort.Tensor("int64", BigInt64Array.from({ length: B }, (_, i) => BigInt(i % 10)), [B]);
-if (meta.inputs.includes("scale")) feeds.scale = new ort.Tensor("float32", Float32Array.from({ length: B }, () => meta.guidance_scale), [B]);
+const feeds = makeFeeds(ort, meta, B);
 await session.run(feeds);  // warm-up
 const times = [];
 for (let r = 0; r < rounds; r++) {
