@@ -482,3 +482,21 @@ def test_the_python_app_draws_the_same_digits_as_compose(graphs, tmp_path):
     for k in range(8):  # the app enlarges each sample 4× with a 1-pixel border
         tile = img[1:1 + 32, 1 + k * 33: 1 + k * 33 + 32][::4, ::4]
         assert np.abs(tile - expected[k]).max() <= 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_one_seed_gives_the_same_digits_on_cuda(graphs):
+    """The generator on the GPU (torch) and the graph on onnxruntime's CUDA provider: the CPU's samples."""
+    from toolkit.rng import normal_numpy, normal_torch
+
+    index = np.arange(1000)
+    assert np.array_equal(normal_torch(3, index, 2, (1, 8, 8), "cuda").cpu().numpy(),
+                          normal_numpy(3, index, 2, (1, 8, 8)))
+    for name in ("ddpm100-cfg-beta", "dpmpp2m10"):
+        pipe, path = graphs[name]
+        scale = 2.0 if pipe.guidance else None
+        cpu = pipe.sample(8, seed=7, labels=[3], scale=scale).numpy()
+        gpu = toolkit.compose(**CASES[name], device="cuda").sample(8, seed=7, labels=[3], scale=scale).numpy()
+        assert np.abs(gpu - cpu).max() < 1e-4
+        session = SamplerSession(path, provider="cuda")
+        assert np.abs(session.sample(8, seed=7, labels=[3], scale=scale) - cpu).max() < 1e-4
