@@ -152,13 +152,11 @@ class ClassifierGuidance:
         return (self._loaded.config.get("latent") or {}).get("fingerprint")
 
     def alpha_bar(self, t: Tensor) -> Tensor:
-        """ᾱ at (possibly fractional) training-schedule time t, interpolated."""
-        a = self._loaded.schedule.alphas_cumprod.to(t.device)
-        tf = t.to(torch.float64).clamp(0, len(a) - 1)
-        lo = tf.floor().long()
-        hi = (lo + 1).clamp(max=len(a) - 1)
-        frac = tf - lo
-        return a[lo] * (1 - frac) + a[hi] * frac
+        """ᾱ at (possibly fractional) training-schedule time t: log-SNR linear in t between integer times, as
+        everywhere else in the toolkit (a linear ᾱ would disagree with the sampler's own ᾱ between them)."""
+        from toolkit.diffusion import interp_alpha_bar
+
+        return interp_alpha_bar(self._loaded.schedule, t.to(torch.float64), t, torch.float64).reshape(-1)
 
     def check(self, predictor: NoisePredictor, train_schedule=None) -> None:
         clf = self.model

@@ -270,3 +270,22 @@ def test_solvers_with_classifier_guidance(tiny_ckpt, tiny_classifier, sampler):
                            guidance_options={**opts, "scale": 0.0})
     assert torch.isfinite(x).all() and not torch.allclose(x, zero.sample(3, labels=[1, 2, 3]))
     assert torch.allclose(zero.sample(3, labels=[1, 2, 3]), plain.sample(3), atol=1e-5)
+
+
+def test_classifier_guidance_uses_the_samplers_alpha_bar_between_integer_times():
+    """At fractional t (the solvers' grids) the ε̂ correction uses ᾱ with log-SNR linear in t, the same ᾱ the
+    sampler's step uses, not a linear interpolation of ᾱ."""
+    import math
+
+    import toolkit
+    from toolkit.diffusion import alpha_bar
+
+    g = toolkit.create("guidance", "classifier")
+    sched = g._loaded.schedule
+    t = torch.tensor([0.0, 10.5, 500.25, 998.9])
+    lam = torch.log(sched.alphas_cumprod / (1 - sched.alphas_cumprod)).double()
+    lo, frac = t.double().floor().long(), t.double() - t.double().floor()
+    want = torch.sigmoid(lam[lo] + frac * (lam[(lo + 1).clamp(max=999)] - lam[lo]))
+    assert torch.allclose(g.alpha_bar(t), want, rtol=1e-12)
+    assert torch.allclose(g.alpha_bar(t), alpha_bar(sched, t, t, torch.float64).reshape(-1), rtol=1e-12)
+    assert not math.isclose(float(g.alpha_bar(t)[3]), float(0.1 * sched.alphas_cumprod[998] + 0.9 * sched.alphas_cumprod[999]), rel_tol=1e-6)
