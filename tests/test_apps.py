@@ -138,3 +138,15 @@ def test_the_web_page_draws_pythons_digits(graphs, tmp_path):
     for row in range(10):  # every row holds bright strokes on a dark ground: digits, not a blank
         band = img[2 + row * tile: row * tile + tile]
         assert band.max() > 200 and band.min() < 60
+    # and the page as Chromium draws it: the canvas is on screen, pixel for pixel the one reported
+    shot = web.screenshot(chromium, site, f"index.html?graph={Path(graph).name}&seed=3&ep=wasm", tmp_path / "shot.png")
+    screen = np.asarray(Image.open(shot).convert("L")).astype(np.int16)
+    dark = screen < 20  # the digits' black ground: rows and columns with many such pixels cross the canvas
+    top = int(np.argmax(dark.sum(1) > 100))
+    left = int(np.argmax(dark.sum(0) > 100))
+    H, W = img.shape
+    best = min(np.abs(screen[t: t + H, c: c + W] - img).mean()
+               for t in range(max(0, top - 12), top + 1)
+               for c in range(max(0, left - 12), left + 1)
+               if screen[t: t + H, c: c + W].shape == img.shape)
+    assert best < 2, best

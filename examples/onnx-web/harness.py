@@ -56,6 +56,20 @@ def run_page(chromium: str, site: Path, page: str, timeout: float = 300) -> dict
     return json.loads(server.report)
 
 
+def screenshot(chromium: str, site: Path, page: str, out: Path, size: str = "700,900") -> Path:
+    """A PNG of the page as Chromium renders it, after up to 60 s of (virtual) time for the sampling to run."""
+    server = _serve(site)
+    url = f"http://127.0.0.1:{server.server_address[1]}/{page}"
+    try:
+        with tempfile.TemporaryDirectory() as profile:
+            subprocess.run([chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                            f"--user-data-dir={profile}", f"--window-size={size}", "--virtual-time-budget=60000",
+                            f"--screenshot={out}", url], capture_output=True, timeout=300, check=True)
+    finally:
+        server.shutdown()
+    return out
+
+
 def site_with(folder: Path, files: list[Path], node_modules: Path, graphs: list[Path]) -> Path:
     """A folder to serve: the page's files, node_modules (linked) and each graph with its .json metadata."""
     import shutil
