@@ -194,105 +194,57 @@ def _copy_graph(onnx, model, prefix: str, mapping: dict[str, str], initializers:
     return nodes, [mapping.get(o.name, prefix + o.name) for o in model.graph.output]
 
 
-def _check(nodes: list, ok: str, message: str, dtype: str = "float") -> str:
+def _check(b, ok: str, message: str, dtype: str = "float") -> str:
     """A node that fails with ``message`` (its name, which onnxruntime prints) unless the int64 scalar ``ok`` is 1:
-    ONNX has no assert, so a Gather from a one-element table gets an index out of range. Returns a float 0 that
-    the caller adds into the run, so the check is never pruned as dead code."""
-    from onnx import TensorProto, helper
-
-    k = len(nodes)
-    kind = TensorProto.FLOAT if dtype == "float" else TensorProto.INT64
-    nodes.append(helper.make_node("Constant", [], [f"chk{k}/table"], value=helper.make_tensor(
-        f"chk{k}/t", kind, [1], [0.0 if dtype == "float" else 0])))
-    nodes.append(helper.make_node("Constant", [], [f"chk{k}/one"], value=helper.make_tensor(
-        f"chk{k}/o", TensorProto.INT64, [], [1])))
-    nodes.append(helper.make_node("Constant", [], [f"chk{k}/bad"], value=helper.make_tensor(
-        f"chk{k}/b", TensorProto.INT64, [], [1 << 40])))
-    nodes.append(helper.make_node("Constant", [], [f"chk{k}/zero"], value=helper.make_tensor(
-        f"chk{k}/z", TensorProto.INT64, [], [0])))
-    nodes.append(helper.make_node("Equal", [ok, f"chk{k}/one"], [f"chk{k}/pass"]))
-    nodes.append(helper.make_node("Where", [f"chk{k}/pass", f"chk{k}/zero", f"chk{k}/bad"], [f"chk{k}/index"]))
-    nodes.append(helper.make_node("Gather", [f"chk{k}/table", f"chk{k}/index"], [f"chk{k}/out"], axis=0,
-                                  name=f"input check failed: {message}"))
-    return f"chk{k}/out"
+    ONNX has no assert, so a Gather from a one-element table gets an index out of range. Returns a 0 of
+    ``dtype`` that the caller adds into the run, so the check is never pruned as dead code."""
+    index = b.op("Where", b.op("Equal", ok, b.const(1)), b.const(0), b.const(1 << 40))
+    return b.op("Gather", b.const([0], dtype, [1]), index, axis=0, name=f"input check failed: {message}")
 
 
-def _all(nodes: list, cond: str, tag: str) -> str:
+def _all(b, cond: str) -> str:
     """int64 scalar 1 when every element of the bool tensor ``cond`` is true."""
-    from onnx import TensorProto, helper
-
-    nodes.append(helper.make_node("Cast", [cond], [f"{tag}/int"], to=TensorProto.INT64))
-    nodes.append(helper.make_node("ReduceMin", [f"{tag}/int"], [f"{tag}/all"], keepdims=0))
-    return f"{tag}/all"
+    return b.op("ReduceMin", b.op("Cast", cond, to=b.T.INT64), keepdims=0)
 
 
-def _same_batch(nodes: list, a: str, a_axis: int, b: str, tag: str) -> str:
-    from onnx import helper
-
-    nodes.append(helper.make_node("Shape", [a], [f"{tag}/sa"], start=a_axis, end=a_axis + 1))
-    nodes.append(helper.make_node("Shape", [b], [f"{tag}/sb"], start=0, end=1))
-    nodes.append(helper.make_node("Equal", [f"{tag}/sa", f"{tag}/sb"], [f"{tag}/eq"]))
-    return _all(nodes, f"{tag}/eq", tag)
+def _same_batch(b, a: str, a_axis: int, ref: str) -> str:
+    return _all(b, b.op("Equal", b.op("Shape", a, start=a_axis, end=a_axis + 1), b.op("Shape", ref, start=0, end=1)))
 
 
-def _input_checks(nodes: list, inputs: list[str], batch_ref: str, num_classes: int | None) -> dict[str, list[str]]:
+def _input_checks(b, inputs: list[str], batch_ref: str, num_classes: int | None) -> tuple[str, str, list[str]]:
     """In-graph checks of the inputs an app feeds (every runtime gets them, not only Python's): labels in
     0..K and of batch length, scale finite, ≥ 0 and of batch length, noise of batch length, seed and index ≥ 0.
-    Returns the zeros to add to labels, scale and x_T: every consumer of an input then runs after its check."""
-    from onnx import TensorProto, helper
-
-    def const(name: str, value, kind=TensorProto.INT64) -> str:
-        nodes.append(helper.make_node("Constant", [], [name], value=helper.make_tensor(name + "_v", kind, [], [value])))
-        return name
-
-    zeros: dict[str, list[str]] = {"labels": [], "scale": [], "x": []}
+    Returns the checked labels and scale (input + its checks' zeros, so every consumer runs after the checks)
+    and the zeros to add to x_T."""
+    labels, scale, zeros = "labels", "scale", []
     if "labels" in inputs and num_classes is not None:
-        ge = helper.make_node("GreaterOrEqual", ["labels", const("chk/l0", 0)], ["chk/lge"])
-        le = helper.make_node("LessOrEqual", ["labels", const("chk/lK", int(num_classes))], ["chk/lle"])
-        nodes += [ge, le, helper.make_node("And", ["chk/lge", "chk/lle"], ["chk/lin"])]
-        zeros["labels"].append(_check(nodes, _all(nodes, "chk/lin", "chk/labels"),
-                                      f"labels must lie in 0..{num_classes} ({num_classes}: the null label)", "int"))
-        zeros["labels"].append(_check(nodes, _same_batch(nodes, "labels", 0, batch_ref, "chk/lb"),
-                                      f"labels must hold one label per sample (the batch of {batch_ref})", "int"))
+        inside = b.op("And", b.op("GreaterOrEqual", "labels", b.const(0)),
+                      b.op("LessOrEqual", "labels", b.const(int(num_classes))))
+        labels = b.op("Add", labels, _check(b, _all(b, inside), f"labels must lie in 0..{num_classes} "
+                                             f"({num_classes}: the null label)", "int64"))
+        labels = b.op("Add", labels, _check(b, _same_batch(b, "labels", 0, batch_ref),
+                                             f"labels must hold one label per sample (the batch of {batch_ref})",
+                                             "int64"))
     if "scale" in inputs:
-        nodes.append(helper.make_node("GreaterOrEqual", ["scale", const("chk/s0", 0.0, TensorProto.FLOAT)], ["chk/sge"]))
-        nodes.append(helper.make_node("IsInf", ["scale"], ["chk/sinf"]))
-        nodes.append(helper.make_node("Not", ["chk/sinf"], ["chk/sfin"]))
-        nodes.append(helper.make_node("And", ["chk/sge", "chk/sfin"], ["chk/sok"]))
-        zeros["scale"].append(_check(nodes, _all(nodes, "chk/sok", "chk/scale"), "scale must be finite and >= 0"))
-        zeros["scale"].append(_check(nodes, _same_batch(nodes, "scale", 0, batch_ref, "chk/sb"),
-                                     f"scale must hold one value per sample (the batch of {batch_ref})"))
+        ok = b.op("And", b.op("GreaterOrEqual", "scale", b.const(0.0, "float")), b.op("Not", b.op("IsInf", "scale")))
+        scale = b.op("Add", scale, _check(b, _all(b, ok), "scale must be finite and >= 0"))
+        scale = b.op("Add", scale, _check(b, _same_batch(b, "scale", 0, batch_ref),
+                                           f"scale must hold one value per sample (the batch of {batch_ref})"))
     if "noise" in inputs:
-        zeros["x"].append(_check(nodes, _same_batch(nodes, "noise", 1, batch_ref, "chk/nb"),
-                                 "noise must be [slots, batch, ...] with the batch of x_T"))
+        zeros.append(_check(b, _same_batch(b, "noise", 1, batch_ref),
+                            "noise must be [slots, batch, ...] with the batch of x_T"))
     for name in ("seed", "index"):
         if name in inputs:
-            nodes.append(helper.make_node("GreaterOrEqual", [name, const(f"chk/{name}0", 0)], [f"chk/{name}ge"]))
-            zeros["x"].append(_check(nodes, _all(nodes, f"chk/{name}ge", f"chk/{name}"), f"{name} must be >= 0"))
-    for name in ("labels", "scale"):  # the checked input: name_checked = name + its checks' zeros
-        value = name
-        for k, zero in enumerate(zeros[name]):
-            nodes.append(helper.make_node("Add", [value, zero], [f"{name}_checked{k}"]))
-            value = f"{name}_checked{k}"
-        zeros[name] = [value]
-    return zeros
+            zeros.append(_check(b, _all(b, b.op("GreaterOrEqual", name, b.const(0))), f"{name} must be >= 0"))
+    return labels, scale, zeros
 
 
-def _seed_noise(nodes: list, prefix: str, draws: list[str], sample_shape: tuple[int, ...], out: str) -> None:
+def _seed_noise(b, draws: list[str], sample_shape: tuple[int, ...]) -> str:
     """Step noise [len(draws), batch, *shape] from the graph inputs seed and index (toolkit.rng, in ONNX)."""
-    from onnx import TensorProto, helper
+    from toolkit.rng import onnx_normal
 
-    from toolkit.rng import onnx_normal_nodes
-
-    parts = []
-    for k, draw in enumerate(draws):
-        z = f"{prefix}z{k}"
-        nodes += onnx_normal_nodes(f"{prefix}rng{k}/", "seed", "index", draw, sample_shape, z)
-        nodes.append(helper.make_node("Constant", [], [f"{prefix}ax{k}"],
-                                      value=helper.make_tensor(f"{prefix}ax{k}_v", TensorProto.INT64, [1], [0])))
-        nodes.append(helper.make_node("Unsqueeze", [z, f"{prefix}ax{k}"], [f"{z}/u"]))
-        parts.append(f"{z}/u")
-    nodes.append(helper.make_node("Concat", parts, [out], axis=0))
+    parts = [b.op("Unsqueeze", onnx_normal(b, "seed", "index", d, sample_shape), b.ints([0])) for d in draws]
+    return b.op("Concat", *parts, axis=0)
 
 
 def _sampler_model(step_model, iterations: int, draws: int, inputs: list[str], sample_shape: tuple[int, ...],
@@ -306,6 +258,8 @@ def _sampler_model(step_model, iterations: int, draws: int, inputs: list[str], s
     toolkit.rng: x_T is draw 0, iteration k's draws are 1 + k·D ...), or ``x_T`` (and ``noise``)."""
     onnx = _onnx()
     from onnx import TensorProto, helper
+
+    from toolkit.rng import OnnxBuilder, onnx_normal
 
     g = step_model.graph
     keep = {init.name for init in g.initializer}
@@ -330,18 +284,10 @@ def _sampler_model(step_model, iterations: int, draws: int, inputs: list[str], s
     if "scale" in inputs:
         graph_inputs.append(helper.make_tensor_value_info("scale", TensorProto.FLOAT, ["batch"]))
     nodes: list = []
-    checked = _input_checks(nodes, inputs, "index" if seeded else "x_T", num_classes)
-    outer = {"labels": checked["labels"][0] if "labels" in inputs else "labels",
-             "scale": checked["scale"][0] if "scale" in inputs else "scale"}
-    zeros = checked["x"]
-    source = "x_T"
-    if seeded:
-        from toolkit.rng import onnx_normal_nodes
-
-        nodes.append(helper.make_node("Constant", [], ["draw0"], value=helper.make_tensor(
-            "draw0_v", TensorProto.INT64, [], [0])))
-        nodes += onnx_normal_nodes("xT/", "seed", "index", "draw0", sample_shape, "x_T_drawn")
-        source = "x_T_drawn"
+    b = OnnxBuilder("in/", nodes)
+    labels, scale, zeros = _input_checks(b, inputs, "index" if seeded else "x_T", num_classes)
+    outer = {"labels": labels, "scale": scale}
+    source = onnx_normal(b, "seed", "index", b.const(0), sample_shape) if seeded else "x_T"  # draw 0 is x_T
     nodes.append(helper.make_node("Sum", [source, *zeros], ["x_start"]))  # + the checks' zeros
     initializers = list(g.initializer)
     init_state: list[str] = []
@@ -358,12 +304,9 @@ def _sampler_model(step_model, iterations: int, draws: int, inputs: list[str], s
             mapping = {**outer, "x": x, "i": p + "i", **dict(zip(state_in, state))}
             nodes.append(helper.make_node("Constant", [], [p + "i"], value=helper.make_tensor(
                 p + "i_value", TensorProto.INT64, [], [k])))
-            if makes_noise:
-                for d in range(draws):
-                    nodes.append(helper.make_node("Constant", [], [f"{p}draw{d}"], value=helper.make_tensor(
-                        f"{p}draw{d}_v", TensorProto.INT64, [], [1 + k * draws + d])))
-                _seed_noise(nodes, p + "noise/", [f"{p}draw{d}" for d in range(draws)], sample_shape, p + "noise")
-                mapping["noise"] = p + "noise"
+            if makes_noise:  # iteration k's draws 1 + k·D + d
+                bk = OnnxBuilder(p + "noise/", nodes)
+                mapping["noise"] = _seed_noise(bk, [bk.const(1 + k * draws + d) for d in range(draws)], sample_shape)
             if has_noise:
                 nodes.append(helper.make_node("Gather", ["noise_slots", p + "i"], [p + "slots"], axis=0))
                 nodes.append(helper.make_node("Gather", ["noise", p + "slots"], [p + "noise"], axis=0))
@@ -376,15 +319,10 @@ def _sampler_model(step_model, iterations: int, draws: int, inputs: list[str], s
         body_nodes = []
         mapping = {**outer, "x": "x_in", "i": "iter", **{s_: f"{s_}_in" for s_ in state_in}}
         if makes_noise:  # iteration i's draws 1 + i·D + d
-            for d in range(draws):
-                body_nodes.append(helper.make_node("Constant", [], [f"D{d}"], value=helper.make_tensor(
-                    f"D{d}_v", TensorProto.INT64, [], [draws])))
-                body_nodes.append(helper.make_node("Constant", [], [f"off{d}"], value=helper.make_tensor(
-                    f"off{d}_v", TensorProto.INT64, [], [1 + d])))
-                body_nodes.append(helper.make_node("Mul", ["iter", f"D{d}"], [f"iD{d}"]))
-                body_nodes.append(helper.make_node("Add", [f"iD{d}", f"off{d}"], [f"step_draw{d}"]))
-            _seed_noise(body_nodes, "noise/", [f"step_draw{d}" for d in range(draws)], sample_shape, "noise_i")
-            mapping["noise"] = "noise_i"
+            bb = OnnxBuilder("noise/", body_nodes)
+            first = bb.op("Mul", "iter", bb.const(draws))
+            mapping["noise"] = _seed_noise(bb, [bb.op("Add", first, bb.const(1 + d)) for d in range(draws)],
+                                           sample_shape)
         if has_noise:
             body_nodes.append(helper.make_node("Gather", ["noise_slots", "iter"], ["slots_i"], axis=0))
             body_nodes.append(helper.make_node("Gather", ["noise", "slots_i"], ["noise_i"], axis=0))

@@ -29,6 +29,8 @@ FORMAT_VERSION = 1
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 TRAINING_STATE = "training_state.safetensors"
+PLUGIN_KIND = {"noise_predictor": "model", "classifier": "classifier", "features": "classifier",
+               "autoencoder": "latent"}  # the registry kind that builds each checkpoint kind's network
 
 
 @define(frozen=True)
@@ -184,8 +186,7 @@ def read_tensors(path: str | os.PathLike, name: str = WEIGHTS, device: str | tor
 def build_model(config: dict[str, Any]) -> nn.Module:
     from toolkit.registry import create
 
-    kind = {"noise_predictor": "model", "classifier": "classifier", "features": "classifier",
-            "autoencoder": "latent"}.get(config.get("kind", "noise_predictor"))
+    kind = PLUGIN_KIND.get(config.get("kind", "noise_predictor"))
     if kind is None:
         raise CheckpointError(f"checkpoint holds an unknown kind {config.get('kind')!r}")
     spec = config["model"]

@@ -71,9 +71,10 @@ def grid(samples: Tensor, nrow: int | None = None, scale: int | None = None, pad
     return canvas.permute(1, 2, 0).numpy()
 
 
-def write_npy(path: str | os.PathLike, shape: tuple[int, ...], batches: Iterable[Tensor]) -> Path:
+def write_npy(path: str | os.PathLike, shape: tuple[int, ...], batches: Iterable[Tensor], digest=None) -> Path:
     """Stream float32 batches into one .npy of ``shape`` [n, ...]: memory bounded by a batch, the free disk
-    space checked first, and the file renamed into place only when complete."""
+    space checked first, and the file renamed into place only when complete. ``digest`` (a hashlib object),
+    if given, is fed the array's bytes as they are written."""
     path = Path(path)
     shape = tuple(int(s) for s in shape)
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")), "fortran_order": False, "shape": shape}
@@ -88,7 +89,10 @@ def write_npy(path: str | os.PathLike, shape: tuple[int, ...], batches: Iterable
                 arr = np.ascontiguousarray(batch.detach().cpu().to(torch.float32).numpy(), dtype="<f4")
                 if arr.shape[1:] != shape[1:] or written + len(arr) > shape[0]:
                     raise ToolkitError(f"a batch of shape {list(arr.shape)} does not fit {list(shape)}")
-                fh.write(arr.tobytes())
+                data = arr.tobytes()
+                fh.write(data)
+                if digest is not None:
+                    digest.update(data)
                 written += len(arr)
             if written != shape[0]:
                 raise ToolkitError(f"{written} samples were produced, {shape[0]} expected")

@@ -31,14 +31,14 @@ class NoiseStreams:
         self.shape = tuple(shape)
         self.device = device
         self.dtype = dtype
-        self.index = torch.as_tensor(list(indices), dtype=torch.int64)
+        self.index = torch.as_tensor(list(indices), dtype=torch.int64, device=device)
         self.count = 0
 
     def at(self, draw: int) -> Tensor:
         """Draw number ``draw`` of every stream, whatever was drawn before."""
         from toolkit.rng import normal_torch
 
-        out = normal_torch(self.seed, self.index.to(self.device), draw, self.shape, self.device)
+        out = normal_torch(self.seed, self.index, draw, self.shape, self.device)
         return out.to(dtype=self.dtype)
 
     def draw(self) -> Tensor:

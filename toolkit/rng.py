@@ -1,6 +1,6 @@
 """The toolkit's one random generator: counter-based, so value j of draw d of sample i of run ``seed`` is a pure
 function of (seed, i, d, j). It is written once here on integer array operators that numpy and torch share
-(the torch-free runtime uses the numpy path), and once more as ONNX operators (``onnx_normal_nodes``), so that
+(the torch-free runtime uses the numpy path), and once more as ONNX operators (``onnx_normal``), so that
 a seed gives the same samples in torch, onnxruntime, Node and a browser. This module never imports torch.
 
 The algorithm, precisely (all integers unsigned 32-bit, ``^`` xor, ``>>`` logical shift, ``*`` mod 2^32)::
@@ -93,31 +93,32 @@ def normal_torch(seed: int, index: Any, draw: int, shape: tuple[int, ...], devic
 
 
 class OnnxBuilder:
-    """Appends the generator's nodes to a list of ONNX nodes; names are prefixed so several copies coexist."""
+    """Appends ONNX nodes to ``nodes`` with unique, prefixed value names: the generator and the exporter's
+    graph code (input checks, draw numbers) build with it, so several copies coexist in one graph."""
 
-    def __init__(self, prefix: str):
+    def __init__(self, prefix: str, nodes: list[Any] | None = None):
         from onnx import TensorProto, helper
 
         self.helper, self.T, self.prefix = helper, TensorProto, prefix
-        self.nodes: list[Any] = []
+        self.nodes: list[Any] = [] if nodes is None else nodes
         self._n = 0
 
     def name(self, hint: str) -> str:
         self._n += 1
         return f"{self.prefix}{hint}_{self._n}"
 
-    def const(self, value: int | float, dtype: str = "int64") -> str:
+    def const(self, value: Any, dtype: str = "int64", dims: list[int] | None = None) -> str:
+        """A Constant: a scalar, or the list ``value`` of shape ``dims`` (default [len(value)])."""
         out = self.name("c")
-        kind = {"int64": self.T.INT64, "float": self.T.FLOAT, "double": self.T.DOUBLE}[dtype]
+        kind = {"int64": self.T.INT64, "float": self.T.FLOAT, "double": self.T.DOUBLE, "bool": self.T.BOOL}[dtype]
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        shape = dims if dims is not None else ([len(values)] if isinstance(value, (list, tuple)) else [])
         self.nodes.append(self.helper.make_node("Constant", [], [out], value=self.helper.make_tensor(
-            out + "_v", kind, [], [value])))
+            out + "_v", kind, shape, values)))
         return out
 
     def ints(self, values: list[int], dims: list[int] | None = None) -> str:
-        out = self.name("ints")
-        self.nodes.append(self.helper.make_node("Constant", [], [out], value=self.helper.make_tensor(
-            out + "_v", self.T.INT64, dims if dims is not None else [len(values)], values)))
-        return out
+        return self.const(values, "int64", dims)
 
     def op(self, kind: str, *inputs: str, **attrs: Any) -> str:
         out = self.name(kind.lower())
@@ -147,11 +148,9 @@ class OnnxBuilder:
         return self.xor(x, self.shr(x, 16))
 
 
-def onnx_normal_nodes(prefix: str, seed: str, index: str, draw: str, shape: tuple[int, ...],
-                      out: str) -> list[Any]:
-    """ONNX nodes computing ``out`` = normal [B, *shape] float32 from int64 tensors ``seed`` [] (≥ 0),
-    ``index`` [B] (≥ 0) and ``draw`` [] — the same numbers as :func:`normal_numpy`."""
-    b = OnnxBuilder(prefix)
+def onnx_normal(b: OnnxBuilder, seed: str, index: str, draw: str, shape: tuple[int, ...]) -> str:
+    """Nodes (appended through ``b``) computing normal [B, *shape] float32 from int64 tensors ``seed`` [] (≥ 0),
+    ``index`` [B] (≥ 0) and ``draw`` [] — the same numbers as :func:`normal_numpy`. Returns the output's name."""
     n = math.prod(shape)
     idx = b.op("Unsqueeze", index, b.ints([1]))
     draw_b = b.op("Add", b.op("Mul", idx, b.const(0)), draw)  # draw as [B, 1]
@@ -171,6 +170,4 @@ def onnx_normal_nodes(prefix: str, seed: str, index: str, draw: str, shape: tupl
     radius = b.op("Sqrt", b.op("Mul", b.op("Log", u1), b.const(-2.0, "double")))
     angle = b.op("Cos", b.op("Mul", u2, b.const(TWO_PI, "double")))
     z = b.op("Cast", b.op("Mul", radius, angle), to=b.T.FLOAT)
-    target = b.ints([0, *shape])
-    b.nodes.append(b.helper.make_node("Reshape", [z, target], [out]))
-    return b.nodes
+    return b.op("Reshape", z, b.ints([0, *shape]))

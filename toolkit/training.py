@@ -355,7 +355,8 @@ def train(
     model = build(config, data).to(device)
     classifier = config.task in ("classifier", "features")
     autoencoder = config.task == "autoencoder"
-    model_kind = "latent" if autoencoder else "classifier" if classifier else "model"
+    recorded = {"model": _recorded(checkpoint.PLUGIN_KIND[config.task], config.model),
+                "schedule": _recorded("schedule", config.schedule)}  # dist:name, resolved once
     conditional = model.num_classes is not None and not autoencoder
     config = TrainConfig(**{**config.to_json(), "conditional": conditional})
     ema = _ema(model, config.ema_decay)
@@ -407,8 +408,8 @@ def train(
         cfg = {
             "kind": config.task,
             "toolkit_version": __version__,
-            "model": {**_recorded(model_kind, config.model), "options": options},
-            "schedule": {**_recorded("schedule", config.schedule), "options": {"num_timesteps": config.num_timesteps}},
+            "model": {**recorded["model"], "options": options},
+            "schedule": {**recorded["schedule"], "options": {"num_timesteps": config.num_timesteps}},
             "data": {"dataset": config.dataset, "options": config.dataset_options, "name": data.name,
                      "shape": list(data.sample_shape), "num_classes": data.num_classes, "levels": data.levels,
                      "range": [-1, 1], "class_names": list(data.class_names) if data.class_names else None},
@@ -444,7 +445,7 @@ def train(
     t0 = time.perf_counter()
     prev_elapsed = 0.0
     if resume and start_step:
-        prev_elapsed = float(checkpoint.read_config(out)["training"].get("elapsed_s", 0.0))
+        prev_elapsed = float(saved["training"].get("elapsed_s", 0.0))
     step = start_step
     if start_step >= config.steps:
         return TrainResult(out, start_step, math.nan, 0.0)
