@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from attrs import define, field
 from torch import Tensor
 
+from toolkit import diffusion
 from toolkit.errors import ToolkitError
 from toolkit.hookspecs import hookimpl
 from toolkit.protocols import NoisePredictor
@@ -106,12 +107,7 @@ class ClassifierGuidedPredictor(_Wrapped):
         grad = self.guidance.gradient(x_t, t, y, self.scale)
         a = self.guidance.alpha_bar(t).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
         C = x_t.shape[1]
-        head = out[:, :C]
-        if self.inner.prediction == "v":
-            head = (1 - a).sqrt() * x_t + a.sqrt() * head
-        elif self.inner.prediction == "x0":
-            head = (x_t - a.sqrt() * head) / (1 - a).sqrt()
-        eps = head - (1 - a).sqrt() * grad
+        eps = diffusion.eps_from_output(self.inner.prediction, a, x_t, out[:, :C]) - (1 - a).sqrt() * grad
         return torch.cat([eps, out[:, C:]], dim=1) if out.shape[1] > C else eps
 
 

@@ -139,6 +139,9 @@ class ToolkitGroup(click.Group):
 @click.version_option(package_name="diffusion-toolkit", prog_name="toolkit")
 def cli() -> None:
     """Denoising diffusion models as composable plugins (DDPM, DDIM, guidance, latent, ONNX)."""
+    from toolkit.allocator import tune_allocator
+
+    tune_allocator()  # a sampling or training loop frees and refaults the same buffers every step otherwise
 
 
 @cli.command("plugins")
@@ -378,6 +381,36 @@ def sampler_and_guidance_options(sampler_options, eta, spacing, variance, guidan
     return options, guidance_options
 
 
+def _backend_options():
+    """--backend and --threads, shared by compose and evaluate."""
+    options = [
+        click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True,
+                     envvar="TOOLKIT_BACKEND", help="auto: onnxruntime through the pipeline's exported graph (cached, "
+                     "checked against torch) where it exports, else torch; the result line says which ran."),
+        click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="CPU threads for torch and onnxruntime [default: OMP_NUM_THREADS, else the cores "
+                     "available to this process]."),
+    ]
+
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+def _set_threads(threads: int | None) -> int:
+    """The thread count both engines use: torch's set here, onnxruntime's passed to its session."""
+    import torch
+
+    from toolkit.backends import check_threads
+
+    threads = check_threads(threads)
+    torch.set_num_threads(threads)
+    return threads
+
+
 @cli.command("compose")
 @_pipeline_options()
 @click.option("--latent", default=None, help="Autoencoder of a latent model (default: the one it records).")
@@ -387,16 +420,15 @@ def sampler_and_guidance_options(sampler_options, eta, spacing, variance, guidan
 @click.option("--batch-size", default=500, show_default=True, type=int)
 @click.option("--out", default="samples.png", show_default=True, type=click.Path(), help=".png grid or .npy array.")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
-              help="onnxruntime: sample through the exported sampler graph (exported to a cache on first use).")
+@_backend_options()
 @click.option("--onnx", "onnx_file", default=None, type=click.Path(),
-              help="With --backend onnxruntime: a graph from `toolkit export onnx` (sampler, steps, guidance from it).")
+              help="Sample a graph from `toolkit export onnx` with onnxruntime (sampler, steps, guidance from it).")
 @click.option("--layout", type=click.Choice(["loop", "unrolled"]), default="loop", show_default=True,
-              help="With --backend onnxruntime: graph layout when exporting on the fly.")
+              help="Graph layout when exporting for onnxruntime on the fly.")
 @click.option("--quiet", "-q", is_flag=True)
 def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_options, num_timesteps, model, latent,
-                guidance, scale, classifier, class_, n, seed, batch_size, out, device, backend, onnx_file, layout,
-                quiet) -> None:
+                guidance, scale, classifier, class_, n, seed, batch_size, out, device, backend, threads, onnx_file,
+                layout, quiet) -> None:
     """Compose a pipeline from named plugins and sample from it."""
     import toolkit
     from toolkit.distributed import world_from_env
@@ -405,8 +437,9 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
 
     world = world_from_env()
     sharded = is_shard_folder(out, world)
-    if sharded and backend != "torch":
+    if sharded and backend == "onnxruntime":
         raise ToolkitError("sharded sampling (--out FOLDER/ or torchrun) uses --backend torch")
+    threads = _set_threads(threads)
     if not sharded:
         check_output(out)
         _hold_output_lock(out)
@@ -416,8 +449,8 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
     if batch_size < 1:
         raise ToolkitError(f"--batch-size must be positive, got {batch_size}")
     if onnx_file is not None:
-        if backend != "onnxruntime":
-            raise ToolkitError("--onnx needs --backend onnxruntime")
+        if backend == "torch":
+            raise ToolkitError("--onnx runs the graph with onnxruntime: drop --backend torch")
         from click.core import ParameterSource
 
         ctx = click.get_current_context()
@@ -426,19 +459,13 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
                  if ctx.get_parameter_source(p) != ParameterSource.DEFAULT]
         if given:
             raise ToolkitError(f"--onnx takes the model, sampler and guidance from the graph: drop --{given[0].replace('_', '-')}")
-        _compose_onnx(onnx_file, None, class_, n, seed, batch_size, out, device, scale, quiet)
+        _compose_onnx(onnx_file, class_, n, seed, batch_size, out, device, scale, threads)
         return
     options, guidance_options = sampler_and_guidance_options(sampler_options, eta, spacing, variance, guidance,
                                                              scale, classifier)
     pipe = toolkit.compose(schedule=schedule, sampler=sampler, model=model, guidance=guidance, steps=steps,
                            num_timesteps=num_timesteps, device=device, batch_size=batch_size,
                            guidance_options=guidance_options, latent=latent, **options)
-    if backend == "onnxruntime":
-        from toolkit.exporters.onnx import cached_sampler_graph
-
-        _compose_onnx(cached_sampler_graph(pipe, layout), pipe, class_, n, seed, batch_size, out, device, scale,
-                      quiet)
-        return
     labels, nrow = parse_classes(class_, n, pipe.num_classes)
     if guidance is not None and labels is None:
         raise ToolkitError(f"--guidance {guidance} needs --class (a label, a comma list or 'all')")
@@ -460,12 +487,17 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
                                 meta={"command": command_line(click.get_current_context())})
         click.echo(f"rank {world.rank}: wrote {path} (samples {start}..{stop - 1} of {n})")
         return
+    from toolkit.backends import select
+    from toolkit.images import save_stream
+
+    engine = select(pipe, backend, threads=threads, layout=layout)
     batches = -(-n // batch_size)
-    with progress_bar(batches * pipe.iterations, "sample", quiet) as bar:
-        pipe.save(out, n, seed=seed, labels=labels, nrow=nrow,
-                  progress=(lambda k: bar.update(k)) if bar is not None else None)
+    with progress_bar(batches * pipe.iterations, f"sample ({engine.name})", quiet) as bar:
+        save_stream(out, (n, *pipe.output_shape), lambda: engine.batches(
+            n, seed, labels, scale=scale, progress=(lambda k: bar.update(k)) if bar is not None else None), nrow=nrow)
+    why = f"; {engine.reason}" if backend == "auto" else ""
     click.echo(f"wrote {out} ({n} samples, {pipe.sampler.name} {pipe.steps} steps = {pipe.nfe} network calls, "
-               f"{pipe.schedule.name} schedule)")
+               f"{pipe.schedule.name} schedule, {engine.label}{why})")
 
 
 @cli.command("export-dataset")
@@ -500,24 +532,24 @@ def merge_cmd(folder, out) -> None:
     click.echo(f"wrote {out} ({shape[0]} samples)")
 
 
-def _session(path, device: str):
+def _session(path, device: str, threads: int | None = None):
     from toolkit.exporters.runtime import GraphError, SamplerSession
 
     provider = {"cpu": "cpu", "cuda": "cuda"}.get(str(device).split(":")[0])
     if provider is None:
         raise ToolkitError(f"--device must be cpu or cuda, got {device!r}")
     try:
-        return SamplerSession(path, provider=provider)
+        return SamplerSession(path, provider=provider, threads=threads)
     except GraphError as exc:
         raise ToolkitError(str(exc)) from exc
 
 
-def _compose_onnx(path, pipe, class_, n, seed, batch_size, out, device, scale, quiet) -> None:
-    """compose --backend onnxruntime: the same samples as the torch backend, computed by onnxruntime."""
+def _compose_onnx(path, class_, n, seed, batch_size, out, device, scale, threads) -> None:
+    """compose --onnx FILE: a graph from `toolkit export onnx`, sampled with onnxruntime."""
     from toolkit.exporters.onnx import onnx_batches
     from toolkit.images import save_stream
 
-    session = _session(path, device)
+    session = _session(path, device, threads)
     labels, nrow = parse_classes(class_, n, session.num_classes)
     if session.guidance and labels is None:
         raise ToolkitError(f"the graph's {session.guidance} guidance needs --class (a label, a comma list or 'all')")
@@ -530,7 +562,7 @@ def _compose_onnx(path, pipe, class_, n, seed, batch_size, out, device, scale, q
     meta = session.metadata
     calls = f" = {meta['nfe']} network calls" if meta.get("nfe") else ""  # noqa: E501
     click.echo(f"wrote {out} ({n} samples, {meta['sampler']} {meta['steps']} steps{calls}, {meta['schedule']} schedule, "
-               f"onnxruntime {session.provider})")
+               f"onnxruntime {session.provider}, {session.threads} threads)")
 
 
 @cli.group("export")
@@ -627,10 +659,11 @@ def _float_list(text: str | None, what: str) -> list[float] | None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--out", default=None, type=click.Path(), help="Also write the JSON to this file.")
 @click.option("--device", default="cpu", show_default=True)
+@_backend_options()
 @click.option("--quiet", "-q", is_flag=True)
 def evaluate_cmd(model, metric, dataset, data_options, limit, variance, samplers, steps, eta, sampler_options,
                  guidance, scale, classifier, features, unconditional, n, plot, seed, batch_size, as_json, out,
-                 device, quiet) -> None:
+                 device, backend, threads, quiet) -> None:
     """Evaluate a model: the bound in bits/dim (nll), or sample quality over samplers and steps (fid)."""
     from attrs import asdict
 
@@ -647,6 +680,10 @@ def evaluate_cmd(model, metric, dataset, data_options, limit, variance, samplers
     name = None
     if dataset is not None:
         name, ds_options = _dataset_arg(dataset, ds_options)
+    threads = _set_threads(threads)
+    if metric != "fid" and backend == "onnxruntime":
+        raise ToolkitError(f"--metric {metric} runs in torch (it needs the network's outputs at every step): "
+                           "--backend onnxruntime applies to --metric fid")
     if metric == "nll":
         from toolkit.checkpoint import resolve_checkpoint
 
@@ -689,7 +726,7 @@ def evaluate_cmd(model, metric, dataset, data_options, limit, variance, samplers
                       on_start=(lambda total: setattr(bar, "length", total)) if bar is not None else None)
             if metric == "fid":
                 report = evaluate.sample_quality(model, grid, step_list, features=features, dataset=name,
-                                                 dataset_options=ds_options, **kw)
+                                                 dataset_options=ds_options, backend=backend, threads=threads, **kw)
                 rows = report.rows
             else:
                 rows = evaluate.ode_errors(model, grid, step_list, **kw)
@@ -698,9 +735,11 @@ def evaluate_cmd(model, metric, dataset, data_options, limit, variance, samplers
                        **report.to_json()}
             if plot is not None:
                 evaluate.plot_quality(report, plot)
+            engines = sorted({r.backend for r in rows})
             table = [f"{report.dataset}: Fréchet distance in {report.features} features, n={report.n}; FD is biased "
                      f"upward at small n: {report.n} real samples of the data set itself score "
                      f"{report.reference_fd:.3f} here, so compare rows of the same n (n ≥ 1000 for conclusions)",
+                     f"sampled with {' and '.join(engines)}",
                      f"{'sampler':<28} {'steps':>6} {'NFE':>5} {'FD':>9} {'accuracy':>9} {'entropy':>8} {'samples/s':>10}"]
             for r in rows:
                 acc = f"{r.accuracy:.3f}" if r.accuracy is not None else "-"

@@ -6,6 +6,8 @@ schedule arrays, casting to the data's dtype at use.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import math
 
 import torch
@@ -55,6 +57,36 @@ def interp_alpha_bar(schedule: Schedule, t: Tensor, like: Tensor, dtype: torch.d
     tt = t.to(torch.float64).to(lam.device)
     out = torch.where(tt < 0, torch.ones_like(tt), torch.sigmoid(interp(lam, tt)))
     return out.to(device=like.device, dtype=dtype or like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def alpha_bar_fn(schedule: Schedule, device: torch.device | str = "cpu") -> Callable[[Tensor, Tensor], Tensor]:
+    """``alpha_bar`` with its table built once: (t, like) → ᾱ_t shaped like ``like`` in its dtype. What a
+    sampling loop calls every step (``alpha_bar`` rebuilds the float64 table on each call)."""
+    table = torch.cat([torch.ones(1, dtype=torch.float64), schedule.alphas_cumprod.detach().cpu().double()])
+    lam = log_snr(schedule).to(device)
+    table = table.to(device)
+
+    def at(t: Tensor, like: Tensor) -> Tensor:
+        if t.is_floating_point():
+            tt = t.to(lam.dtype)
+            out = torch.where(tt < 0, torch.ones_like(tt), torch.sigmoid(interp(lam, tt)))
+        else:
+            out = table[t.long() + 1]
+        return out.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+    return at
+
+
+def eps_from_output(prediction: str, a: Tensor, x_t: Tensor, head: Tensor) -> Tensor:
+    """ε from a network's prediction at ᾱ_t = ``a``: ε itself, v (ε = √(1-ᾱ) x_t + √ᾱ v, Salimans & Ho) or
+    x̂_0 (ε = (x_t - √ᾱ x̂_0)/√(1-ᾱ), eq. 4 inverted). What samplers and guidance call with a cached ᾱ."""
+    if prediction == "v":
+        return (1 - a).sqrt() * x_t + a.sqrt() * head
+    if prediction == "x0":
+        return (x_t - a.sqrt() * head) / (1 - a).sqrt()
+    if prediction == "epsilon":
+        return head
+    raise ValueError(f"unknown prediction {prediction!r}")
 
 
 def q_sample(schedule: Schedule, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:

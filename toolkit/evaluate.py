@@ -243,6 +243,7 @@ class QualityRow:
     n: int
     nfe: int = 0  # network calls per sample
     ode_error: float | None = None  # RMS distance to the 1000-NFE reference solution (deterministic samplers)
+    backend: str = "torch"  # the engine that sampled the row (toolkit.backends)
 
     @property
     def label(self) -> str:
@@ -410,8 +411,12 @@ def sample_quality(model: str | os.PathLike | None, samplers: Sequence[tuple[str
                    dataset: str | None = None, dataset_options: dict[str, Any] | None = None,
                    conditional: bool = True, batch_size: int = 500, device: str | torch.device = "cpu",
                    progress: Callable[[int], None] | None = None,
-                   on_start: Callable[[int], None] | None = None) -> QualityReport:
+                   on_start: Callable[[int], None] | None = None, backend: str = "auto",
+                   threads: int | None = None) -> QualityReport:
     """Sample n points per (sampler, steps) and score them against the data set in a feature space.
+
+    ``backend``: the engine of each row (``toolkit.backends.select``: auto takes onnxruntime where the
+    pipeline's exported graph matches torch); the samples, and so the scores, are the same either way.
 
     A class-conditional model draws balanced labels (i mod K) and reports how many samples the
     feature network classifies as their label; with ``conditional=False`` it samples from the null
@@ -436,10 +441,13 @@ def sample_quality(model: str | os.PathLike | None, samplers: Sequence[tuple[str
         labels = torch.arange(n) % K
     if labels is not None and space.num_classes is not None and space.num_classes != K:
         raise ToolkitError(f"the feature network knows {space.num_classes} classes, the model {K}")
+    from toolkit.backends import select
+
     rows = []
     for (name, opts, s), pipe in pipes.items():
+        engine = select(pipe, backend, threads=threads)
         t0 = time.perf_counter()
-        x = pipe.sample(n, seed=seed, labels=labels, progress=progress)
+        x = engine.sample(n, seed=seed, labels=labels, progress=progress)
         rate = n / (time.perf_counter() - t0)
         feats = space.features(x)
         probs = space.probs(x)
@@ -448,7 +456,8 @@ def sample_quality(model: str | os.PathLike | None, samplers: Sequence[tuple[str
             acc = float((probs.argmax(1) == labels.numpy()).mean())
         elif probs is not None:
             ent = class_entropy(probs)
-        rows.append(QualityRow(name, dict(opts), int(s), frechet_distance(real, feats), acc, ent, rate, n, pipe.nfe))
+        rows.append(QualityRow(name, dict(opts), int(s), frechet_distance(real, feats), acc, ent, rate, n, pipe.nfe,
+                               backend=engine.label))
     g = torch.Generator().manual_seed(seed)
     idx = (torch.randperm(len(real), generator=g)[:n] if n <= len(real)
            else torch.randint(len(real), (n,), generator=g)).numpy()

@@ -128,7 +128,7 @@ class Pipeline:
             labels = None  # mean shift: the model itself samples unconditionally (∅)
         to_model_time = time_map or self.model_time_fn()
         prediction = getattr(predictor, "prediction", "epsilon")
-        schedule = self.schedule
+        alpha_bar = diffusion.alpha_bar_fn(self.schedule, self.device) if prediction != "epsilon" else None
 
         def fn(x_t: Tensor, t: Tensor) -> Tensor:
             if t.ndim == 0:
@@ -138,10 +138,7 @@ class Pipeline:
                 return out
             C = x_t.shape[1]
             head, rest = out[:, :C], out[:, C:]
-            if prediction == "v":
-                head = diffusion.eps_from_v(schedule, x_t, t, head)
-            elif prediction == "x0":
-                head = diffusion.predict_eps(schedule, x_t, t, head)
+            head = diffusion.eps_from_output(prediction, alpha_bar(t, x_t), x_t, head)
             return torch.cat([head, rest], dim=1) if rest.shape[1] else head
 
         return fn

@@ -8,10 +8,17 @@ import torch
 from torch import Tensor, nn
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps (Vaswani et al.; Ho et al. Appendix B)."""
+def embedding_frequencies(dim: int, max_period: float = 10000.0, device: torch.device | str | None = None) -> Tensor:
+    """The dim // 2 frequencies max_period^(-k / half) of ``timestep_embedding``."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    return torch.exp(-math.log(max_period) * torch.arange(half, device=device, dtype=torch.float32) / half)
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, freqs: Tensor | None = None) -> Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps (Vaswani et al.; Ho et al. Appendix B);
+    ``freqs`` from ``embedding_frequencies`` saves recomputing them every call."""
+    if freqs is None:
+        freqs = embedding_frequencies(dim, max_period, t.device)
     args = t.to(torch.float32)[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -28,9 +35,10 @@ class ConditionEmbedding(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(base, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.num_classes = num_classes
         self.label = nn.Embedding(num_classes + 1, dim) if num_classes else None
+        self.register_buffer("freqs", embedding_frequencies(base), persistent=False)  # computed once, not per call
 
     def forward(self, t: Tensor, y: Tensor | None) -> Tensor:
-        emb = self.mlp(timestep_embedding(t, self.base).to(self.mlp[0].weight.dtype))
+        emb = self.mlp(timestep_embedding(t, self.base, freqs=self.freqs).to(self.mlp[0].weight.dtype))
         if self.label is not None:
             if y is None:  # unconditional: the null label ∅
                 y = torch.full((t.shape[0],), self.num_classes, dtype=torch.long, device=t.device)

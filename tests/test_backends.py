@@ -1,0 +1,136 @@
+"""Fast by default: compose and evaluate pick onnxruntime where the exported graph matches torch, say which
+engine ran, take a thread count, and the torch loop's own costs (allocator, constants) are paid once."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import toolkit
+from helpers import one_line_error, run
+from toolkit import backends, diffusion
+from toolkit.errors import ToolkitError
+from toolkit.exporters.runtime import GraphError, SamplerSession, check_threads, default_threads
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOOLKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("TOOLKIT_BACKEND", raising=False)
+    return tmp_path / "cache" / "onnx"
+
+
+@pytest.mark.parametrize("args", [["--steps", 10], ["--sampler", "ddpm", "--steps", 8, "--class", "3,5"]],
+                         ids=["ddim", "ddpm-stochastic"])
+def test_the_default_backend_is_onnxruntime_and_gives_the_torch_samples(tmp_path, cache, args):
+    auto, torch_ = tmp_path / "auto.npy", tmp_path / "torch.npy"
+    r = run("compose", *args, "-n", 6, "--seed", 4, "--out", auto)
+    assert r.exit_code == 0, r.output
+    assert "onnxruntime cpu" in r.output and "matches torch" in r.output, r.output
+    r = run("compose", *args, "-n", 6, "--seed", 4, "--out", torch_, "--backend", "torch")
+    assert r.exit_code == 0, r.output
+    assert "torch cpu" in r.output and "onnxruntime" not in r.output
+    assert np.abs(np.load(auto) - np.load(torch_)).max() <= 1e-4
+    record = json.loads(next(cache.glob("*.verified.json")).read_text())  # checked once, recorded with the graph
+    assert record["max_abs_diff"] <= backends.VERIFY_TOLERANCE
+
+
+def test_auto_falls_back_to_torch_and_says_why(tmp_path, cache):
+    r = run("compose", "--guidance", "classifier", "--class", 3, "-n", 2, "--steps", 4, "--out", tmp_path / "a.npy")
+    assert r.exit_code == 0, r.output
+    assert "torch cpu" in r.output and "does not export (guidance 'classifier' cannot be exported)" in r.output
+
+
+def test_auto_refuses_a_graph_that_does_not_match_torch(cache, monkeypatch):
+    pipe = toolkit.compose(steps=5)
+    monkeypatch.setattr(backends, "VERIFY_TOLERANCE", 0.0)  # every graph differs from torch by float error
+    engine = backends.select(pipe, "auto")
+    assert engine.name == "torch" and "differs from torch" in engine.reason
+    monkeypatch.setattr(backends, "VERIFY_TOLERANCE", 1e-4)
+    assert backends.select(pipe, "auto").name == "onnxruntime"  # the recorded check is reused, not redone
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--threads", 0], "'--threads': 0 is not in the range x>=1"),
+    (["--threads", -3], "'--threads': -3 is not in the range x>=1"),
+    (["--backend", "onnxruntime", "--guidance", "classifier", "--class", 1], "cannot be exported"),
+    (["--backend", "tensorrt"], "'--backend': 'tensorrt' is not one of"),
+    (["--backend", "torch", "--onnx", "x.onnx"], "drop --backend torch"),
+])
+def test_bad_backend_input(tmp_path, cache, args, message):
+    one_line_error(run("compose", *args, "-n", 2, "--steps", 3, "--out", tmp_path / "x.npy"), message)
+    assert not (tmp_path / "x.npy").exists()
+
+
+def test_evaluate_fid_rows_say_their_engine_and_score_the_same(tmp_path, cache):
+    common = ["evaluate", "--metric", "fid", "--steps", 4, "-n", 40, "--json"]
+    auto = json.loads(run(*common).output)
+    torch_ = json.loads(run(*common, "--backend", "torch").output)
+    assert auto["rows"][0]["backend"].startswith("onnxruntime cpu")
+    assert torch_["rows"][0]["backend"].startswith("torch cpu")
+    assert auto["rows"][0]["fd"] == pytest.approx(torch_["rows"][0]["fd"], rel=1e-3)
+    one_line_error(run("evaluate", "--metric", "nll", "--limit", 2, "--backend", "onnxruntime"), "applies to --metric fid")
+
+
+def test_thread_counts(tmp_path, cache, monkeypatch):
+    pipe = toolkit.compose(steps=3)
+    path = backends.select(pipe, "onnxruntime", threads=1).graph
+    session = SamplerSession(path, provider="cpu", threads=1)
+    assert session.threads == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads() == 3 and SamplerSession(path, provider="cpu").threads == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert default_threads() == len(os.sched_getaffinity(0))
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(GraphError, match="threads must be a positive integer"):
+            check_threads(bad)
+        with pytest.raises(ToolkitError, match="threads must be a positive integer"):
+            backends.select(pipe, "torch", threads=bad)
+    with pytest.raises(ToolkitError, match="backend must be one of"):
+        backends.select(pipe, "tvm")
+
+
+def _page_faults(tuning: str) -> int:
+    code = ("import resource, toolkit\n"
+            "from toolkit.allocator import tune_allocator\n"
+            "tune_allocator()\n"
+            "pipe = toolkit.compose(model='digits', steps=4)\n"
+            "next(pipe.batches(100, batch_size=100))\n"  # warm: the first batch maps what any run needs
+            "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "for _ in pipe.batches(1500, batch_size=500): pass\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)\n")
+    env = {**os.environ, "TOOLKIT_MALLOC_TUNING": tuning, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_the_tuned_allocator_stops_refaulting_buffers_every_step():
+    plain, tuned = _page_faults("0"), _page_faults("1")
+    assert tuned * 5 < plain, (plain, tuned)
+
+
+def test_cached_constants_equal_the_formulas():
+    from toolkit.plugins.models.layers import embedding_frequencies, timestep_embedding
+
+    t = torch.tensor([0.0, 1.5, 999.0])
+    half = 16
+    freqs = torch.tensor([10000 ** (-k / half) for k in range(half)], dtype=torch.float64)
+    want = torch.cat([torch.cos(t.double()[:, None] * freqs), torch.sin(t.double()[:, None] * freqs)], 1)
+    got = timestep_embedding(t, 32, freqs=embedding_frequencies(32))
+    assert torch.allclose(got.double(), want, atol=1e-4)
+    schedule = toolkit.create("schedule", "cosine", num_timesteps=1000)
+    at = diffusion.alpha_bar_fn(schedule)
+    x = torch.zeros(3, 1, 2, 2)
+    for tt in (torch.tensor([0, 10, 999]), torch.tensor([-1.0, 10.25, 998.5])):
+        assert torch.allclose(at(tt, x), diffusion.alpha_bar(schedule, tt, x), rtol=1e-6)
+    a = at(torch.tensor([3, 500, 900]), x)
+    x_t, v = torch.randn(3, 1, 2, 2), torch.randn(3, 1, 2, 2)
+    assert torch.allclose(diffusion.eps_from_output("v", a, x_t, v), (1 - a).sqrt() * x_t + a.sqrt() * v)
+    x0 = torch.randn(3, 1, 2, 2)
+    assert torch.allclose(diffusion.eps_from_output("x0", a, x_t, x0), (x_t - a.sqrt() * x0) / (1 - a).sqrt())
