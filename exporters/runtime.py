@@ -152,7 +152,7 @@ class SamplerSession:
 
     def __init__(self, path: str | os.PathLike, provider: str = "auto", threads: int | None = None):
         """``threads``: onnxruntime's intra-op threads (default: ``default_threads()``); its
-        threads sleep between operators instead of spin-waiting (same speed here, a third less CPU)."""
+        threads sleep between operators instead of spin-waiting (spinning burns the CPU that other work could use)."""
         ort = _onnxruntime()
         self.threads = check_threads(threads)
         if provider not in PROVIDERS:

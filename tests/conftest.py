@@ -4,7 +4,10 @@ import os
 # 2-core machine (pytest plus a `toolkit` subprocess) slow everything down many times over.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOOLKIT_STRICT_PLUGINS", "0")
-# Graphs that compose's default backend exports go to a cache of this test session, never the user's.
+# compose and evaluate default to --backend auto, which exports each new pipeline (seconds per graph):
+# the suite samples with torch unless a test asks otherwise (tests/test_backends.py tests the default).
+os.environ.setdefault("TOOLKIT_BACKEND", "torch")
+# Graphs exported by a test go to a cache of this test session, never the user's.
 os.environ.setdefault("TOOLKIT_CACHE_DIR", __import__("tempfile").mkdtemp(prefix="toolkit-test-cache-"))
 
 import pytest  # noqa: E402

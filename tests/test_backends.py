@@ -134,3 +134,36 @@ def test_cached_constants_equal_the_formulas():
     assert torch.allclose(diffusion.eps_from_output("v", a, x_t, v), (1 - a).sqrt() * x_t + a.sqrt() * v)
     x0 = torch.randn(3, 1, 2, 2)
     assert torch.allclose(diffusion.eps_from_output("x0", a, x_t, x0), (x_t - a.sqrt() * x0) / (1 - a).sqrt())
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _bench(script, *args, tmp_path):
+    out = tmp_path / "result.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), *args, "--out", str(out)], env=env,
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_bench_gpu_runs_to_completion_on_cpu(tmp_path):
+    result = _bench("bench_gpu.py", "--device", "cpu", "--quick", tmp_path=tmp_path)
+    rows = {(r["contender"], r["batch"]): r for r in result["rows"]}
+    for batch in (1, 2):
+        for name in ("ours_torch_eager", "ours_torch_compiled", "ours_onnxruntime_loop", "ours_onnxruntime_unrolled"):
+            assert rows[(name, batch)]["samples_per_s"] > 0
+            assert rows[(name, batch)]["max_abs_diff_to_eager"] <= 1e-4, (name, batch)
+        assert rows[("ours_torch_cuda_graphs", batch)]["skipped"] == "needs CUDA"
+        if "skipped" not in rows[("diffusers_eager", batch)]:  # the same DDIM from our x_T, float32 coefficients
+            assert rows[("diffusers_eager", batch)]["max_abs_diff_to_eager"] < 0.05
+
+
+def test_bench_sampling_quick(tmp_path):
+    result = _bench("bench_sampling.py", "--quick", "--rounds", "1", tmp_path=tmp_path)
+    for row in result["engines"]:
+        assert 0 < row["fraction_of_limit"]["ours_onnxruntime"] and 0 < row["fraction_of_limit"]["ours_torch"]
+    assert result["overhead"][0]["us_per_step"]["ours_torch"] > 0
+    faults = result["faults"]
+    assert faults["torch_tuned"]["tuned"] and not faults["torch_untuned"]["tuned"]

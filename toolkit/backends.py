@@ -50,9 +50,9 @@ class Engine:
     @property
     def label(self) -> str:
         """What ran, as the command reports it: 'torch' or 'onnxruntime cpu, 2 threads'."""
-        if self.name == "torch":
-            return f"torch {self.pipeline.device.type}, {torch.get_num_threads()} threads"
-        return f"onnxruntime {self.session.provider}, {self.session.threads} threads"
+        threads = torch.get_num_threads() if self.name == "torch" else self.session.threads
+        device = self.pipeline.device.type if self.name == "torch" else self.session.provider
+        return f"{self.name} {device}, {threads} thread{'' if threads == 1 else 's'}"
 
     def batches(self, n: int, seed: int = 0, labels: int | Sequence[int] | Tensor | None = None, *,
                 scale: float | Sequence[float] | Tensor | None = None, offset: int = 0, batch_size: int | None = None,

@@ -400,6 +400,10 @@ def _backend_options():
     return decorate
 
 
+def _threads(n: int) -> str:
+    return f"{n} thread{'' if n == 1 else 's'}"
+
+
 def _set_threads(threads: int | None) -> int:
     """The thread count both engines use: torch's set here, onnxruntime's passed to its session."""
     import torch
@@ -449,11 +453,11 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
     if batch_size < 1:
         raise ToolkitError(f"--batch-size must be positive, got {batch_size}")
     if onnx_file is not None:
-        if backend == "torch":
-            raise ToolkitError("--onnx runs the graph with onnxruntime: drop --backend torch")
         from click.core import ParameterSource
 
         ctx = click.get_current_context()
+        if backend == "torch" and ctx.get_parameter_source("backend") == ParameterSource.COMMANDLINE:
+            raise ToolkitError("--onnx runs the graph with onnxruntime: drop --backend torch")
         given = [p for p in ("schedule", "sampler", "steps", "eta", "spacing", "variance", "sampler_options",
                              "num_timesteps", "model", "latent", "guidance", "classifier")
                  if ctx.get_parameter_source(p) != ParameterSource.DEFAULT]
@@ -562,7 +566,7 @@ def _compose_onnx(path, class_, n, seed, batch_size, out, device, scale, threads
     meta = session.metadata
     calls = f" = {meta['nfe']} network calls" if meta.get("nfe") else ""  # noqa: E501
     click.echo(f"wrote {out} ({n} samples, {meta['sampler']} {meta['steps']} steps{calls}, {meta['schedule']} schedule, "
-               f"onnxruntime {session.provider}, {session.threads} threads)")
+               f"onnxruntime {session.provider}, {_threads(session.threads)})")
 
 
 @cli.group("export")
@@ -739,13 +743,13 @@ def evaluate_cmd(model, metric, dataset, data_options, limit, variance, samplers
             table = [f"{report.dataset}: Fréchet distance in {report.features} features, n={report.n}; FD is biased "
                      f"upward at small n: {report.n} real samples of the data set itself score "
                      f"{report.reference_fd:.3f} here, so compare rows of the same n (n ≥ 1000 for conclusions)",
-                     f"sampled with {' and '.join(engines)}",
                      f"{'sampler':<28} {'steps':>6} {'NFE':>5} {'FD':>9} {'accuracy':>9} {'entropy':>8} {'samples/s':>10}"]
             for r in rows:
                 acc = f"{r.accuracy:.3f}" if r.accuracy is not None else "-"
                 ent = f"{r.class_entropy:.3f}" if r.class_entropy is not None else "-"
                 table.append(f"{r.label:<28} {r.steps:>6} {r.nfe:>5} {r.fd:>9.3f} {acc:>9} {ent:>8} "
                              f"{r.samples_per_s:>10.1f}")
+            table.append(f"sampled with {' and '.join(engines)}")
         else:
             payload = {"metric": "ode", "model": model or "digits", "guidance": guidance, **guidance_options,
                        "n": n, "seed": seed, "reference_nfe": evaluate.REFERENCE_NFE,
