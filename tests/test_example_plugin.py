@@ -75,3 +75,20 @@ def test_export_the_plugin_sampler_to_onnx(installed, tmp_path):
     r = toolkit("compose", "--backend", "onnxruntime", "--onnx", graph, *common, "--out", got)
     assert r.returncode == 0, r.stderr
     assert np.abs(np.load(ref) - np.load(got)).max() < 1e-4
+
+
+def test_the_plugin_adds_a_command(installed):
+    """`register_commands`: the plugin's `toolkit euler-grid` runs, is listed, and gets the one-line errors."""
+    r = toolkit("euler-grid", "--steps", 4)
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in r.stdout.strip().splitlines()]
+    sigmas = [float(row[-1]) for row in rows]
+    assert len(rows) == 4 and abs(sigmas[0] - 80.0) < 1e-3  # Karras' grid starts at σ̃ = 80 on the cosine schedule
+    assert all(a > b for a, b in zip(sigmas, sigmas[1:]))
+    assert "euler-grid" in toolkit("--help").stdout
+    data = json.loads(toolkit("plugins", "--json").stdout)
+    assert {"name": "euler-grid", "dist": "toolkit-plugin-example", "version": "0.1.0",
+            "plugin": "toolkit-plugin-example:example"} in data["commands"]
+    r = toolkit("euler-grid", "--steps", 0)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: Invalid value for '--steps': 0 is not in the range x>=1."]

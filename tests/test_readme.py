@@ -145,3 +145,14 @@ def test_documented_options_exist():
                 if opt not in known and not cites:
                     stale.append(f"`toolkit {name}` section names {opt}")
     assert not stale, "; ".join(sorted(set(stale)))
+
+
+def test_the_docs_stay_inside_the_repository():
+    """Every relative link of the README and every module docs/design.md names exists in this repository."""
+    for target in re.findall(r"\]\(([^)#:]+)\)", README):
+        path = (ROOT / target).resolve()
+        assert path.is_relative_to(ROOT) and path.exists(), target
+    design = (ROOT / "docs" / "design.md").read_text()
+    assert "docs/design.md" in README
+    for module in set(re.findall(r"\b([a-z_]+\.py)\b", design)):
+        assert list(ROOT.glob(f"*/**/{module}")), module

@@ -151,3 +151,33 @@ def test_a_plugin_that_exits_at_import_is_contained(fresh_registry, monkeypatch)
         names = toolkit.available("sampler")
     assert names == SAMPLERS
     assert [f.plugin for f in fresh_registry.get_registry().failures] == ["broken-dist:exits"]
+
+
+@pytest.mark.filterwarnings("ignore:toolkit plugin")
+def test_a_plugin_adds_commands_and_may_not_take_a_builtin_name(fresh_registry):
+    import click
+
+    from helpers import run
+
+    def register_commands(cli):
+        @cli.command("hello")
+        @click.argument("name")
+        def hello(name):
+            """Say hello."""
+            click.echo(f"hello {name}")
+
+    def takes_compose(cli):
+        @cli.command("compose")
+        def compose():
+            click.echo("hijacked")
+
+    fresh_registry.register_plugin(plugin(register_commands=register_commands), "greet", dist="greet-dist")
+    fresh_registry.register_plugin(plugin(register_commands=takes_compose), "thief", dist="thief-dist")
+    r = run("hello", "world")
+    assert r.exit_code == 0 and r.output == "hello world\n"
+    assert "hello" in run("--help").output
+    failures = fresh_registry.get_registry().failures
+    assert [f.plugin for f in failures] == ["thief"]
+    assert "adds the command 'compose', which a built-in command already has" in failures[0].error
+    assert "hijacked" not in run("compose", "--help").output
+    assert run("nope").exit_code == 2

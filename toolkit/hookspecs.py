@@ -1,7 +1,8 @@
 """The plugin hooks (pluggy project "toolkit", entry-point group "toolkit.plugins").
 
-Each hook receives ``register(name, factory, *, aliases=())``. Register factories, not objects,
+Each kind's hook receives ``register(name, factory, *, aliases=())``. Register factories, not objects,
 so that listing plugins stays cheap; ``toolkit.create(kind, name, **kwargs)`` calls the factory.
+``register_commands(cli)`` adds ``toolkit`` subcommands (as llm's hook of that name does).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ HOOKS: dict[str, str] = {
     "latent": "register_latents",
     "pretrained": "register_pretrained",
 }
+COMMAND_HOOK = "register_commands"  # not a kind: it adds click commands, listed by `toolkit plugins`
 
 
 @hookspec
@@ -62,3 +64,10 @@ def register_latents(register):
 @hookspec
 def register_pretrained(register):
     """Register shipped checkpoints: factory() -> path of a checkpoint directory."""
+
+
+@hookspec
+def register_commands(cli):
+    """Add subcommands to the `toolkit` command: ``cli`` is a click group (``@cli.command("name")``). A name
+    that a built-in command or another plugin already has is refused; the command is loaded only when it is
+    asked for (or the command list is shown), so built-in commands never pay for plugin imports."""

@@ -49,13 +49,25 @@ class Failure:
     error: str
 
 
+@define(frozen=True)
+class CommandEntry:
+    """A `toolkit` subcommand added by a plugin's ``register_commands`` hook."""
+
+    name: str
+    command: Any  # a click.Command
+    plugin: str
+    dist: str
+    version: str
+
+
 @define
 class Registry:
-    """Every entry by kind, plus the plugins that failed."""
+    """Every entry by kind, the plugins' commands, and the plugins that failed."""
 
     pm: pluggy.PluginManager
     entries: dict[str, list[Entry]] = field(factory=lambda: defaultdict(list))
     failures: list[Failure] = field(factory=list)
+    commands: dict[str, CommandEntry] = field(factory=dict)
 
     def lookup(self, kind: str, name: str) -> Entry:
         """Resolve ``name`` or ``dist:name``; ambiguity and unknown names are clear errors."""
@@ -157,7 +169,7 @@ def _build() -> Registry:
             name = pm.get_name(exc.plugin) or repr(exc.plugin)
             pm.unregister(exc.plugin)
             dist, version = owners.pop(name, ("unknown", "unknown"))
-            known = ", ".join(hookspecs.HOOKS.values())
+            known = ", ".join([*hookspecs.HOOKS.values(), hookspecs.COMMAND_HOOK])
             _fail(failures, name, dist, version,
                   PluginError(f"plugin {name!r} ({dist}) implements an unknown hook: {exc}; hooks: {known}"))
 
@@ -186,7 +198,35 @@ def _build() -> Registry:
                 _fail(failures, plugin_name, dist, version, exc)
                 continue
             registry.entries[kind].extend(added)
+    _collect_commands(registry, owners, failures)
     return registry
+
+
+BUILTIN_COMMANDS: set[str] = set()  # filled by toolkit.cli.base: names a plugin may not take
+
+
+def _collect_commands(registry: Registry, owners: dict[str, tuple[str, str]], failures: list[Failure]) -> None:
+    """Each plugin's ``register_commands(cli)`` on a group of its own; a clash or a raising hook is that plugin's
+    failure, as for the other hooks."""
+    import click
+
+    for impl in getattr(registry.pm.hook, hookspecs.COMMAND_HOOK).get_hookimpls():
+        plugin_name = impl.plugin_name
+        dist, version = owners.get(plugin_name, ("unknown", "unknown"))
+        if any(f.plugin == plugin_name for f in failures):
+            continue
+        group = click.Group()
+        try:
+            impl.function(cli=group)
+            for name, command in group.commands.items():
+                if name in BUILTIN_COMMANDS or name in registry.commands:
+                    who = "a built-in command" if name in BUILTIN_COMMANDS else registry.commands[name].plugin
+                    raise PluginError(f"plugin {plugin_name!r} adds the command {name!r}, which {who} already has")
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - isolated like every other hook
+            _fail(failures, plugin_name, dist, version, exc)
+            continue
+        for name, command in group.commands.items():
+            registry.commands[name] = CommandEntry(name, command, plugin_name, dist, version)
 
 
 def get_registry() -> Registry:

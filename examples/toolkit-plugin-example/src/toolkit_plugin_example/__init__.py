@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from attrs import define, field
 from torch import Tensor
@@ -65,6 +67,26 @@ def register_samplers(register):
 @hookimpl
 def register_schedules(register):
     register("sigmoid", sigmoid)
+
+
+@hookimpl
+def register_commands(cli):
+    """`toolkit euler-grid`: a command of this plugin, added through the same hook system as the sampler."""
+    import click
+
+    @cli.command("euler-grid")
+    @click.option("--steps", default=Euler.default_steps, show_default=True, type=click.IntRange(min=1))
+    @click.option("--model", default=None, help="Checkpoint or shipped name (default: digits).")
+    def euler_grid(steps: int, model: str | None) -> None:
+        """Print the times and noise levels σ̃ at which the euler sampler calls the model."""
+        pipe = toolkit.compose(model=model, sampler="euler", steps=steps)
+        plan = pipe.plan
+        a = pipe.schedule.alphas_cumprod.double()
+        for i, t in enumerate(plan.t.tolist()):
+            lo = min(int(t), len(a) - 2)
+            frac = t - lo  # log-SNR linear in t between the schedule's integer times, as the toolkit samples
+            lam = (1 - frac) * torch.log(a[lo] / (1 - a[lo])) + frac * torch.log(a[lo + 1] / (1 - a[lo + 1]))
+            click.echo(f"{i:>3}  t = {t:9.3f}  sigma = {math.exp(-float(lam) / 2):10.4f}")
 
 
 __all__ = ["Euler", "sigmoid"]

@@ -1,0 +1,145 @@
+"""`toolkit compose` (sample a composed pipeline, or an exported graph) and `toolkit merge` (join shards)."""
+
+from __future__ import annotations
+
+
+import click
+
+from toolkit import budget
+from toolkit.cli.base import cli
+from toolkit.cli.common import command_line, progress_bar, SEED, hold_output_lock, pipeline_options, backend_options, threads_text, set_threads, parse_classes, sampler_and_guidance_options
+from toolkit.errors import ToolkitError
+
+
+@cli.command("compose")
+@pipeline_options()
+@click.option("--latent", default=None, help="Autoencoder of a latent model (default: the one it records).")
+@click.option("--class", "class_", default=None, help="Label, comma list of labels, or 'all'.")
+@click.option("-n", "n", default=64, show_default=True, type=int, help="Number of samples.")
+@click.option("--seed", default=0, show_default=True, type=SEED)
+@click.option("--batch-size", default=500, show_default=True, type=int)
+@click.option("--out", default="samples.png", show_default=True, type=click.Path(), help=".png grid or .npy array.")
+@click.option("--device", default="cpu", show_default=True)
+@backend_options()
+@click.option("--onnx", "onnx_file", default=None, type=click.Path(),
+              help="Sample a graph from `toolkit export onnx` with onnxruntime (sampler, steps, guidance from it).")
+@click.option("--layout", type=click.Choice(["loop", "unrolled"]), default="loop", show_default=True,
+              help="Graph layout when exporting for onnxruntime on the fly.")
+@click.option("--quiet", "-q", is_flag=True)
+def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_options, num_timesteps, model, latent,
+                guidance, scale, classifier, class_, n, seed, batch_size, out, device, backend, threads, onnx_file,
+                layout, quiet) -> None:
+    """Compose a pipeline from named plugins and sample from it."""
+    import toolkit
+    from toolkit.distributed import world_from_env
+    from toolkit.images import check_output
+    from toolkit.shards import is_shard_folder
+
+    world = world_from_env()
+    sharded = is_shard_folder(out, world)
+    if sharded and backend == "onnxruntime":
+        raise ToolkitError("sharded sampling (--out FOLDER/ or torchrun) uses --backend torch")
+    threads = set_threads(threads)
+    if not sharded:
+        check_output(out)
+        hold_output_lock(out)
+    if n < 1:
+        raise ToolkitError(f"-n must be positive, got {n}")
+    n = budget.samples(n)
+    if batch_size < 1:
+        raise ToolkitError(f"--batch-size must be positive, got {batch_size}")
+    if onnx_file is not None:
+        from click.core import ParameterSource
+
+        ctx = click.get_current_context()
+        if backend == "torch" and ctx.get_parameter_source("backend") == ParameterSource.COMMANDLINE:
+            raise ToolkitError("--onnx runs the graph with onnxruntime: drop --backend torch")
+        given = [p for p in ("schedule", "sampler", "steps", "eta", "spacing", "variance", "sampler_options",
+                             "num_timesteps", "model", "latent", "guidance", "classifier")
+                 if ctx.get_parameter_source(p) != ParameterSource.DEFAULT]
+        if given:
+            raise ToolkitError(f"--onnx takes the model, sampler and guidance from the graph: drop --{given[0].replace('_', '-')}")
+        _compose_onnx(onnx_file, class_, n, seed, batch_size, out, device, scale, threads)
+        return
+    options, guidance_options = sampler_and_guidance_options(sampler_options, eta, spacing, variance, guidance,
+                                                             scale, classifier)
+    pipe = toolkit.compose(schedule=schedule, sampler=sampler, model=model, guidance=guidance, steps=steps,
+                           num_timesteps=num_timesteps, device=device, batch_size=batch_size,
+                           guidance_options=guidance_options, latent=latent, **options)
+    labels, nrow = parse_classes(class_, n, pipe.num_classes)
+    if guidance is not None and labels is None:
+        raise ToolkitError(f"--guidance {guidance} needs --class (a label, a comma list or 'all')")
+    if labels is not None and nrow is not None:
+        n = len(labels)
+    if sharded:
+        from toolkit.distributed import local_device, shard
+        from toolkit.shards import sample_shard
+
+        if pipe.device.type == "cuda" and world.distributed:
+            from attrs import evolve
+
+            pipe = evolve(pipe, device=local_device(pipe.device, world))
+        start, stop = shard(n, world)
+        with progress_bar(-(-(stop - start) // batch_size) * pipe.iterations, f"sample (rank {world.rank})",
+                          quiet or not world.main) as bar:
+            path = sample_shard(pipe, out, n, seed, labels, world, scale=scale,
+                                progress=(lambda k: bar.update(k)) if bar is not None else None,
+                                meta={"command": command_line(click.get_current_context())})
+        click.echo(f"rank {world.rank}: wrote {path} (samples {start}..{stop - 1} of {n})")
+        return
+    from toolkit.backends import select
+    from toolkit.images import save_stream
+
+    engine = select(pipe, backend, threads=threads, layout=layout)
+    batches = -(-n // batch_size)
+    with progress_bar(batches * pipe.iterations, f"sample ({engine.name})", quiet) as bar:
+        save_stream(out, (n, *pipe.output_shape), lambda: engine.batches(
+            n, seed, labels, scale=scale, progress=(lambda k: bar.update(k)) if bar is not None else None), nrow=nrow)
+    why = f"; {engine.reason}" if backend == "auto" else ""
+    click.echo(f"wrote {out} ({n} samples, {pipe.sampler.name} {pipe.steps} steps = {pipe.nfe} network calls, "
+               f"{pipe.schedule.name} schedule, {engine.label}{why})")
+
+def _session(path, device: str, threads: int | None = None):
+    from toolkit.exporters.runtime import GraphError, SamplerSession
+
+    provider = {"cpu": "cpu", "cuda": "cuda"}.get(str(device).split(":")[0])
+    if provider is None:
+        raise ToolkitError(f"--device must be cpu or cuda, got {device!r}")
+    try:
+        return SamplerSession(path, provider=provider, threads=threads)
+    except GraphError as exc:
+        raise ToolkitError(str(exc)) from exc
+
+def _compose_onnx(path, class_, n, seed, batch_size, out, device, scale, threads) -> None:
+    """compose --onnx FILE: a graph from `toolkit export onnx`, sampled with onnxruntime."""
+    from toolkit.exporters.onnx import onnx_batches
+    from toolkit.images import save_stream
+
+    session = _session(path, device, threads)
+    labels, nrow = parse_classes(class_, n, session.num_classes)
+    if session.guidance and labels is None:
+        raise ToolkitError(f"the graph's {session.guidance} guidance needs --class (a label, a comma list or 'all')")
+    if scale is not None and not session.guidance:
+        raise ToolkitError("--scale needs a guided graph")
+    if labels is not None and nrow is not None:
+        n = len(labels)
+    save_stream(out, (n, *session.output_shape), lambda: onnx_batches(
+        session, n, seed=seed, labels=labels, scale=scale, batch_size=batch_size), nrow=nrow)
+    meta = session.metadata
+    calls = f" = {meta['nfe']} network calls" if meta.get("nfe") else ""  # noqa: E501
+    click.echo(f"wrote {out} ({n} samples, {meta['sampler']} {meta['steps']} steps{calls}, {meta['schedule']} schedule, "
+               f"onnxruntime {session.provider}, {threads_text(session.threads)})")
+
+@cli.command("merge")
+@click.argument("folder", type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help=".npy array or .png grid of all samples.")
+def merge_cmd(folder, out) -> None:
+    """Join the shards of a sharded `compose --out FOLDER/` run into one file, in sample order."""
+    from toolkit.images import check_output, save_stream
+    from toolkit.shards import merge_batches
+
+    check_output(out)
+    hold_output_lock(out)
+    shape, batches = merge_batches(folder)
+    save_stream(out, shape, batches)
+    click.echo(f"wrote {out} ({shape[0]} samples)")
