@@ -147,7 +147,17 @@ def test_mlp_on_toy_data(tmp_path):
     assert run("train", "--dataset", "gaussians8", "--model", "mlp", "--steps", 3, "--out", out).exit_code == 0
     r = run("compose", "--model", out, "--steps", 3, "-n", 5, "--class", 2, "--out", tmp_path / "p.npy")
     assert r.exit_code == 0 and np.load(tmp_path / "p.npy").shape == (5, 2)
-    one_line_error(run("compose", "--model", out, "--out", tmp_path / "p.png"), "PNG grid needs image samples")
+    r = run("compose", "--model", out, "--steps", 3, "-n", 200, "--seed", 1, "--out", tmp_path / "p.png")
+    assert r.exit_code == 0, r.output  # 2-D samples: a scatter plot, each point where its coordinates say
+    r = run("compose", "--model", out, "--steps", 3, "-n", 200, "--seed", 1, "--out", tmp_path / "q.npy")
+    points = np.load(tmp_path / "q.npy")
+    img = np.asarray(Image.open(tmp_path / "p.png").convert("RGB")).astype(int)
+    assert img.shape == (512, 512, 3)
+    size, span = 512, 1.1
+    for x, y in points[:20]:
+        px, py = round((x + span) / (2 * span) * (size - 1)), round(size - 1 - (y + span) / (2 * span) * (size - 1))
+        assert tuple(img[py, px]) == (31, 90, 170), (x, y)
+    assert (img == (31, 90, 170)).all(-1).sum() < 200 * 25  # dots, not a filled picture
 
 
 def test_console_script_exit_status(tmp_path):

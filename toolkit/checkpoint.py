@@ -96,8 +96,10 @@ def recover(path: str | os.PathLike) -> Path:
 
 
 def write_checkpoint(path: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor],
-                     extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
-    """Write config.json and model.safetensors (and extra .safetensors files) atomically."""
+                     extra: dict[str, dict[str, torch.Tensor]] | None = None,
+                     files: dict[str, bytes] | None = None) -> Path:
+    """Write config.json and model.safetensors (and extra .safetensors files, and other ``files`` such as a
+    run's metrics.jsonl and previews) atomically: all of them are the old or the new version together."""
     path = through_link(path)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
@@ -108,6 +110,10 @@ def write_checkpoint(path: str | os.PathLike, config: dict[str, Any], tensors: d
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS))
         for name, group in (extra or {}).items():
             save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, str(tmp / name))
+        for name, data in (files or {}).items():
+            if Path(name).name != name or name in (CONFIG, WEIGHTS, *(extra or {})):
+                raise ToolkitError(f"checkpoint file name {name!r} is not a plain, free file name")
+            (tmp / name).write_bytes(data)
         with open(tmp / CONFIG, "w") as fh:
             json.dump(config, fh, indent=2, sort_keys=False)
             fh.write("\n")

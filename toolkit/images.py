@@ -1,4 +1,5 @@
-"""Writing samples: a PNG grid (scaled up so 8×8 digits are visible) or a float32 .npy array."""
+"""Writing samples: a PNG grid (scaled up so 8×8 digits are visible), a scatter plot of 2-D points, or a
+float32 .npy array; and the loss curve of a run."""
 
 from __future__ import annotations
 
@@ -48,8 +49,95 @@ def _layout(n: int, shape: tuple[int, ...], nrow: int | None, scale: int | None 
     return nrow, ncol, scale, pad, ncol * (h * scale + pad) + pad, nrow * (w * scale + pad) + pad
 
 
+SCATTER_SIZE = 512  # pixels of a scatter plot of 2-D samples
+SCATTER_RANGE = 1.1  # the plot shows [-1.1, 1.1]²: samples lie in [-1, 1]
+
+
+def is_points(shape: tuple[int, ...]) -> bool:
+    """2-D vector samples (moons, swissroll, gaussians8): drawn as a scatter plot, not a grid."""
+    return tuple(shape) == (2,)
+
+
+def scatter(points: Tensor | np.ndarray, size: int = SCATTER_SIZE) -> np.ndarray:
+    """[N, 2] points in [-1, 1] → a uint8 RGB scatter plot [size, size, 3] (y up), with the axes through 0."""
+    from PIL import Image, ImageDraw
+
+    p = np.asarray(points.detach().cpu() if isinstance(points, Tensor) else points, dtype=np.float64).reshape(-1, 2)
+    img = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(img)
+    to_px = lambda v: (v + SCATTER_RANGE) / (2 * SCATTER_RANGE) * (size - 1)  # noqa: E731
+    mid = to_px(0.0)
+    draw.line([(0, mid), (size - 1, mid)], fill=(205, 205, 205))
+    draw.line([(mid, 0), (mid, size - 1)], fill=(205, 205, 205))
+    draw.rectangle([to_px(-1), to_px(-1), to_px(1), to_px(1)], outline=(160, 160, 160))
+    r = max(1, size // 256)
+    for x, y in p[np.isfinite(p).all(1)]:
+        px, py = to_px(x), size - 1 - to_px(y)
+        draw.ellipse([px - r, py - r, px + r, py + r], fill=(31, 90, 170))
+    return np.asarray(img)
+
+
+def line_plot(series: dict[str, tuple[list[float], list[float]]], title: str = "", width: int = 720,
+              height: int = 400) -> np.ndarray:
+    """Curves (name → (x, y)) on shared axes, a uint8 RGB image: the loss curve of ``toolkit show``."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    try:
+        draw.font = ImageFont.load_default(size=13)  # Pillow ≥ 10.1 with FreeType: a scalable font
+    except (TypeError, OSError, ImportError):
+        pass  # the bitmap default
+    left, right, top, bottom = 70, width - 20, 30, height - 40
+    points = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if math.isfinite(y)]
+    if not points:
+        raise ToolkitError("nothing to plot: no finite values")
+    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
+    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-9)
+    px = lambda x: left + (x - x0) / (x1 - x0) * (right - left)  # noqa: E731
+    py = lambda y: bottom - (y - y0) / (y1 - y0) * (bottom - top)  # noqa: E731
+    draw.rectangle([left, top, right, bottom], outline=(120, 120, 120))
+    for y in (y0, (y0 + y1) / 2, y1):
+        draw.text((4, py(y) - 6), f"{y:.4g}", fill=(60, 60, 60))
+    for x in (x0, (x0 + x1) / 2, x1):
+        draw.text((px(x) - 12, bottom + 6), f"{x:.0f}", fill=(60, 60, 60))
+    draw.text((left, 8), title, fill=(0, 0, 0))
+    colors = [(31, 90, 170), (214, 96, 30), (44, 150, 44), (150, 40, 150)]
+    for k, (name, (xs, ys)) in enumerate(series.items()):
+        pts = [(px(x), py(y)) for x, y in zip(xs, ys) if math.isfinite(y)]
+        color = colors[k % len(colors)]
+        if len(pts) > 1:
+            draw.line(pts, fill=color, width=2)
+        for p in pts if len(pts) <= 1 or len(pts) < 30 else []:
+            draw.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=color)
+        draw.text((right - 150, top + 6 + 14 * k), name, fill=color)
+    return np.asarray(img)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """A uint8 [H, W] or [H, W, C] image as PNG file bytes."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def picture(samples: Tensor, nrow: int | None = None) -> np.ndarray:
+    """What a PNG of these samples shows: a grid of images, or a scatter plot of 2-D points."""
+    if is_points(tuple(samples.shape[1:])):
+        return scatter(samples)
+    check_grid(samples.shape[0], tuple(samples.shape[1:]), nrow)
+    return grid(samples.detach().cpu(), nrow=nrow)
+
+
 def check_grid(n: int, shape: tuple[int, ...], nrow: int | None = None) -> None:
     """Refuse, before any sampling, a PNG grid that is not an image or too large to be useful as one."""
+    if is_points(shape):
+        return  # a scatter plot: one fixed-size picture whatever n
     *_, height, width = _layout(n, tuple(shape), nrow)
     if height * width > MAX_GRID_PIXELS:
         raise ToolkitError(f"a grid of {n} samples would be a {width}×{height} PNG (more than "
@@ -121,8 +209,7 @@ def save_samples(samples: Tensor, path: str | os.PathLike, nrow: int | None = No
     path = check_output(path)
     if path.suffix.lower() == ".npy":
         return write_npy(path, tuple(samples.shape), [samples])
-    check_grid(samples.shape[0], tuple(samples.shape[1:]), nrow)
-    img = grid(samples.detach().cpu(), nrow=nrow)
+    img = picture(samples, nrow)
     pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
     atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
     return path

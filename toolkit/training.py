@@ -30,7 +30,7 @@ TASKS = ("noise_predictor", "classifier", "features", "autoencoder")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SYNC_EVERY = 10  # steps between reading the loss back (progress bar, divergence check)
 TRAINING_COPIES = 5  # weights, EMA, gradients and AdamW's two moments
-RESUMABLE_CHANGES = ("steps", "checkpoint_every")  # everything else must match the checkpoint to resume
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "sample_every")  # everything else must match the checkpoint to resume
 
 
 def _positive(instance, attribute, value) -> None:
@@ -84,7 +84,8 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, validator=_non_negative)  # 0: no clipping (NaN would silently be the same)
     seed: int = field(default=0, validator=_seed)
     checkpoint_every: int = field(default=1000, validator=_count())
-    holdout: float = field(default=0.0, validator=_unit)  # fraction of the data kept out, to report accuracy
+    holdout: float = field(default=0.0, validator=_unit)  # data kept out: held-out accuracy (classifiers) or loss
+    sample_every: int = field(default=0, validator=_count(low=0))  # steps between preview grids (0: none)
     latent: str | None = None  # autoencoder checkpoint: train on its (scaled) latents of the data
 
     def to_json(self) -> dict[str, Any]:
@@ -273,6 +274,7 @@ def train(
     progress: Callable[[int, float, float], None] | None = None,
     precision: str = "fp32",
     compile: bool = False,
+    log: str | None = None,
 ) -> TrainResult:
     """Train ``config`` into checkpoint directory ``out`` (resuming from it with ``resume``).
 
@@ -280,7 +282,10 @@ def train(
     step's generator and trains on its own 1/world slice, DDP averages the gradients, so N processes
     take the same steps as one process with the same global batch; rank 0 writes the checkpoints.
     ``precision`` bf16/fp16 trains under autocast (fp16 with a gradient scaler; CUDA only);
-    ``compile`` runs the network through torch.compile.
+    ``compile`` runs the network through torch.compile. Every checkpoint carries metrics.jsonl (a row
+    every SYNC_EVERY steps: loss, lr, gradient norm, speed; the held-out loss at checkpoints with
+    ``holdout``) and the previews of ``sample_every``; ``log="tensorboard"`` also writes TensorBoard events
+    to ``OUT.tensorboard/`` (``toolkit.feedback``).
     """
     out = Path(out)
     parent = out.parent if str(out.parent) else Path(".")
@@ -383,14 +388,20 @@ def train(
     pool = torch.arange(N)  # training indices; a seeded held-out split leaves them with --holdout
     held = pool[:0]
     if config.holdout > 0:
-        if not classifier:
-            raise ToolkitError("--holdout applies to classifier and feature-network training only")
+        if autoencoder:
+            raise ToolkitError("--holdout applies to noise predictors, classifiers and feature networks")
         perm = torch.randperm(N, generator=torch.Generator().manual_seed(config.seed))
         n_held = max(1, int(round(config.holdout * N)))
         if n_held >= N:
             raise ToolkitError(f"--holdout {config.holdout} leaves no training data")
         held, pool = perm[:n_held], perm[n_held:].sort().values
     params = sum(p.numel() for p in model.parameters())
+    if config.sample_every and (classifier or autoencoder):
+        raise ToolkitError("--sample-every previews what a noise predictor samples; this task samples nothing")
+    from toolkit.feedback import RunLog, heldout_loss, preview_image
+
+    run_log = RunLog(out, start_step if resume else None, log) if world.main else None
+    held_loss: float | None = None
 
     def lr_at(step: int) -> float:
         return config.lr * min(1.0, (step + 1) / max(1, config.warmup))
@@ -427,10 +438,13 @@ def train(
             cfg["training"]["holdout_accuracy"] = holdout_accuracy(
                 ema.module, config.task, x_all[held.to(device)], y_all[held.to(device)])
             cfg["training"]["holdout_size"] = len(held)
+        elif len(held):
+            cfg["training"].update(holdout_loss=held_loss, holdout_size=len(held))
         extra = {"model." + k: v for k, v in model.state_dict().items()}
         extra.update(_optimizer_tensors(opt))
         extra["ema.n_averaged"] = ema.n_averaged.detach().clone()
-        checkpoint.write_checkpoint(out, cfg, ema.module.state_dict(), {checkpoint.TRAINING_STATE: extra})
+        checkpoint.write_checkpoint(out, cfg, ema.module.state_dict(), {checkpoint.TRAINING_STATE: extra},
+                                    files=run_log.checkpoint_files())
 
     net = distributed.wrap(model, world, device)
     if compile:
@@ -486,8 +500,8 @@ def train(
             scaler.unscale_(opt)
         else:
             loss.backward()
-        if config.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        # the gradient norm before clipping (max_norm=inf: measured, not clipped), read back only when logged
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip if config.grad_clip > 0 else math.inf)
         if scaler is not None:
             scaler.step(opt)
             scaler.update()
@@ -501,12 +515,25 @@ def train(
             loss_avg = float(distributed.mean(running.float(), world))  # every rank sees a NaN together
             if not math.isfinite(loss_avg):
                 raise ToolkitError(f"training diverged before step {done}: loss is {loss_avg}; lower --lr")
+            elapsed = time.perf_counter() - t0
             if progress is not None and world.main:
-                elapsed = time.perf_counter() - t0
                 progress(done, loss_avg, (done - start_step) / max(elapsed, 1e-9))
+            if world.main:
+                row = {"step": done, "loss": loss_avg, "loss_step": float(loss.detach()), "lr": lr_at(step),
+                       "grad_norm": float(grad_norm), "steps_per_s": (done - start_step) / max(elapsed, 1e-9),
+                       "elapsed_s": round(prev_elapsed + elapsed, 3)}
+                if checkpoint_now and len(held) and not classifier:
+                    held_loss = heldout_loss(ema.module, schedule, x_all[held.to(device)],
+                                             y_all[held.to(device)] if conditional else None)
+                    row["holdout_loss"] = held_loss
+                run_log.add(row)
+        if world.main and config.sample_every and done % config.sample_every == 0:
+            run_log.preview(done, preview_image(ema.module, schedule, latent, model.num_classes))
         if checkpoint_now:
             if world.main:
                 save(done, loss_avg, prev_elapsed + time.perf_counter() - t0)
             distributed.barrier(world)
+    if run_log is not None:
+        run_log.close()
     elapsed = time.perf_counter() - t0
     return TrainResult(out, config.steps, loss_avg, (config.steps - start_step) / max(elapsed, 1e-9))

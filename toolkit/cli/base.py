@@ -65,6 +65,7 @@ class ToolkitGroup(click.Group):
                        f"{': ' + text if text else ''} (TOOLKIT_DEBUG=1 shows the traceback)", err=True)
             sys.exit(1)
 
+
 @click.group(cls=ToolkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="diffusion-toolkit", prog_name="toolkit")
 def cli() -> None:

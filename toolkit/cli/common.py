@@ -25,6 +25,7 @@ def parse_options(pairs: tuple[str, ...], what: str) -> dict[str, Any]:
         out[key.strip().replace("-", "_")] = option_value(value)
     return out
 
+
 def command_line(ctx: click.Context) -> str:
     """The command as the user gave it (options not left at their defaults), to record in checkpoints."""
     from click.core import ParameterSource
@@ -43,8 +44,10 @@ def command_line(ctx: click.Context) -> str:
             words += [flag, shlex.quote(str(value))]
     return " ".join(words)
 
+
 def stderr_tty() -> bool:
     return sys.stderr.isatty()
+
 
 @contextmanager
 def progress_bar(length: int, label: str, quiet: bool) -> Iterator:
@@ -58,11 +61,13 @@ def progress_bar(length: int, label: str, quiet: bool) -> Iterator:
 
 SEED = click.IntRange(0, 2**63 - 1)  # what every seeded command accepts (sample streams mix it as 64 bits)
 
+
 def rank_prefix() -> str:
     """'rank N: ' in a torchrun process, so a failing rank is named; empty otherwise."""
     import os
 
     return f"rank {os.environ.get('RANK', '0')}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
 
 def hold_output_lock(path) -> None:
     """Hold the output lock of ``path`` until the command ends (a second writer fails at once)."""
@@ -71,6 +76,7 @@ def hold_output_lock(path) -> None:
     lock = output_lock(path)
     lock.__enter__()
     click.get_current_context().call_on_close(lambda: lock.__exit__(None, None, None))
+
 
 def os_error(exc: OSError) -> str:
     """One line for an OSError: what could not be done to which path, and the system's reason."""
@@ -83,6 +89,7 @@ def os_error(exc: OSError) -> str:
     writing = exc.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EISDIR, errno.EEXIST, errno.EACCES,
                             errno.EPERM, errno.ENOTDIR)
     return f"cannot {'write' if writing else 'use'} {path}: {reason}"
+
 
 def dataset_arg(dataset: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """A registered dataset name; else a directory (folder dataset) or a .npy/.npz file (array dataset)."""
@@ -99,6 +106,7 @@ def dataset_arg(dataset: str, options: dict[str, Any]) -> tuple[str, dict[str, A
         raise ToolkitError(f"dataset {dataset!r} does not exist")
     return dataset, options
 
+
 def apply_options(options: list):
     """A decorator adding the click options, in order, to a command."""
 
@@ -108,6 +116,7 @@ def apply_options(options: list):
         return fn
 
     return decorate
+
 
 def train_options(default_model: str, default_steps: int, lr: float = 1e-3, ema_decay: float = 0.999):
     """Options shared by train, train-classifier and train-features (one training loop behind all)."""
@@ -136,10 +145,14 @@ def train_options(default_model: str, default_steps: int, lr: float = 1e-3, ema_
         click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
                      help="Autocast dtype (fp16 with a gradient scaler, CUDA only)."),
         click.option("--compile", "compile_", is_flag=True, help="Run the network through torch.compile."),
+        click.option("--log", type=click.Choice(["tensorboard"]), default=None,
+                     help="Also write TensorBoard events to OUT.tensorboard/ (the tensorboard extra); "
+                     "metrics.jsonl is always written into the checkpoint."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
     ]
 
     return apply_options(options)
+
 
 def pipeline_options():
     """The options that compose a pipeline, shared by compose and export onnx."""
@@ -162,6 +175,7 @@ def pipeline_options():
                      help="Classifier checkpoint for --guidance classifier (default: shipped)."),
     ])
 
+
 def backend_options():
     """--backend and --threads, shared by compose and evaluate."""
     options = [
@@ -180,8 +194,10 @@ def backend_options():
 
     return decorate
 
+
 def threads_text(n: int) -> str:
     return f"{n} thread{'' if n == 1 else 's'}"
+
 
 def set_threads(threads: int | None) -> int:
     """The thread count both engines use: torch's set here, onnxruntime's passed to its session."""
@@ -192,6 +208,7 @@ def set_threads(threads: int | None) -> int:
     threads = check_threads(threads)
     torch.set_num_threads(threads)
     return threads
+
 
 def parse_classes(text: str | None, n: int, num_classes: int | None) -> tuple[list[int] | None, int | None]:
     """--class: one label, a comma list (cycled), or 'all' (one grid row per class). Returns labels, nrow."""
@@ -213,6 +230,7 @@ def parse_classes(text: str | None, n: int, num_classes: int | None) -> tuple[li
             raise ToolkitError(f"--class {k} is out of range: this model has classes 0..{num_classes - 1}")
     return labels, None
 
+
 def sampler_and_guidance_options(sampler_options, eta, spacing, variance, guidance, scale,
                                  classifier) -> tuple[dict[str, Any], dict[str, Any]]:
     """The sampler's options (--sampler-option plus the named ones) and the guidance's, checked together."""
@@ -230,6 +248,7 @@ def sampler_and_guidance_options(sampler_options, eta, spacing, variance, guidan
             raise ToolkitError("--classifier needs --guidance classifier")
         guidance_options["classifier"] = classifier
     return options, guidance_options
+
 
 def float_list(text: str | None, what: str) -> list[float] | None:
     if text is None:

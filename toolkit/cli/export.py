@@ -15,6 +15,7 @@ from toolkit.errors import ToolkitError
 def export_group() -> None:
     """Export a model or a whole sampler for other runtimes."""
 
+
 @export_group.command("onnx")
 @click.option("--component", type=click.Choice(["sampler", "predictor"]), default="sampler", show_default=True,
               help="sampler: the whole sampling run as one graph; predictor: the network ε_θ(x, t, y) alone.")
@@ -61,6 +62,7 @@ def export_onnx_cmd(model, component, schedule, sampler, steps, eta, spacing, va
         path = exporter.export_sampler(pipe, out, layout=layout, noise=noise_mode)
     size = Path(path).stat().st_size
     click.echo(f"wrote {path} ({size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s)")
+
 
 @cli.command("export-dataset")
 @click.argument("dataset")

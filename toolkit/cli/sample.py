@@ -99,6 +99,7 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
     click.echo(f"wrote {out} ({n} samples, {pipe.sampler.name} {pipe.steps} steps = {pipe.nfe} network calls, "
                f"{pipe.schedule.name} schedule, {engine.label}{why})")
 
+
 def _session(path, device: str, threads: int | None = None):
     from toolkit.exporters.runtime import GraphError, SamplerSession
 
@@ -109,6 +110,7 @@ def _session(path, device: str, threads: int | None = None):
         return SamplerSession(path, provider=provider, threads=threads)
     except GraphError as exc:
         raise ToolkitError(str(exc)) from exc
+
 
 def _compose_onnx(path, class_, n, seed, batch_size, out, device, scale, threads) -> None:
     """compose --onnx FILE: a graph from `toolkit export onnx`, sampled with onnxruntime."""
@@ -129,6 +131,7 @@ def _compose_onnx(path, class_, n, seed, batch_size, out, device, scale, threads
     calls = f" = {meta['nfe']} network calls" if meta.get("nfe") else ""  # noqa: E501
     click.echo(f"wrote {out} ({n} samples, {meta['sampler']} {meta['steps']} steps{calls}, {meta['schedule']} schedule, "
                f"onnxruntime {session.provider}, {threads_text(session.threads)})")
+
 
 @cli.command("merge")
 @click.argument("folder", type=click.Path())

@@ -11,8 +11,8 @@ from toolkit.cli.common import parse_options, command_line, progress_bar, datase
 
 
 def run_training(task: str, dataset, data_options, model, model_options, schedule, num_timesteps, steps,
-                  batch_size, lr, weight_decay, ema_decay, grad_clip, seed, checkpoint_every, out, resume,
-                  overwrite, device, quiet, precision="fp32", compile_=False, **extra) -> None:
+                 batch_size, lr, weight_decay, ema_decay, grad_clip, seed, checkpoint_every, out, resume,
+                 overwrite, device, quiet, precision="fp32", compile_=False, log=None, **extra) -> None:
     from toolkit.training import TrainConfig, train
 
     name, dopts = dataset_arg(dataset, parse_options(data_options, "--data-option"))
@@ -31,7 +31,7 @@ def run_training(task: str, dataset, data_options, model, model_options, schedul
                 last[0] = done
 
         result = train(config, out, resume=resume, overwrite=overwrite, device=device, quiet=quiet,
-                       command=command, progress=progress, precision=precision, compile=compile_)
+                       command=command, progress=progress, precision=precision, compile=compile_, log=log)
     from toolkit.distributed import shutdown, world_from_env
 
     shutdown()  # this process owns the group train() joined under torchrun: leave it cleanly
@@ -39,6 +39,7 @@ def run_training(task: str, dataset, data_options, model, model_options, schedul
         return
     click.echo(f"wrote {result.path} (step {result.step}, loss {result.loss:.4f}, "
                f"{result.steps_per_second:.1f} steps/s)")
+
 
 @cli.command("train")
 @train_options("unet", 4000)
@@ -50,11 +51,17 @@ def run_training(task: str, dataset, data_options, model, model_options, schedul
 @click.option("--p-uncond", default=0.1, show_default=True, type=float,
               help="Probability of replacing the label by the null label ∅ (classifier-free guidance).")
 @click.option("--latent", default=None, help="Autoencoder checkpoint: train on its latents (latent diffusion).")
-def train_cmd(prediction, loss, learn_variance, unconditional, p_uncond, latent, **kwargs) -> None:
+@click.option("--sample-every", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Steps between preview grids (a scatter plot for 2-D data) saved in the checkpoint; 0: none.")
+@click.option("--val-fraction", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Data kept out of training; its loss is logged at every checkpoint.")
+def train_cmd(prediction, loss, learn_variance, unconditional, p_uncond, latent, sample_every, val_fraction,
+              **kwargs) -> None:
     """Train a noise predictor with L_simple (Algorithm 1) or L_hybrid into a checkpoint directory."""
     run_training("noise_predictor", prediction=prediction, loss=loss, learned_variance=learn_variance,
-                  conditional=False if unconditional else None, p_uncond=p_uncond, latent=latent_arg(latent),
-                  **kwargs)
+                 conditional=False if unconditional else None, p_uncond=p_uncond, latent=latent_arg(latent),
+                 sample_every=sample_every, holdout=val_fraction, **kwargs)
+
 
 def latent_arg(latent: str | None) -> str | None:
     """An autoencoder directory as an absolute path (the checkpoint must find it again), or a shipped name."""
@@ -66,12 +73,14 @@ def latent_arg(latent: str | None) -> str | None:
         return latent  # a shipped name stays a name, so the checkpoint works on any machine
     return str(Path(latent).resolve()) if Path(latent).exists() else latent
 
+
 @cli.command("train-classifier")
 @train_options("unet-encoder", 3000)
 @click.option("--latent", default=None, help="Autoencoder checkpoint: classify its latents (for latent models).")
 def train_classifier_cmd(latent, **kwargs) -> None:
     """Train a noise-aware classifier p_φ(y | x_t, t) on data noised at random t (for classifier guidance)."""
     run_training("classifier", latent=latent_arg(latent), **kwargs)
+
 
 @cli.command("train-autoencoder")
 @train_options("autoencoder", 3000, ema_decay=0.99)
@@ -83,6 +92,7 @@ def train_autoencoder_cmd(latent_channels, downsample, kl_weight, model_options,
     """Train the autoencoder of latent diffusion; records the latent scale factor and a fingerprint."""
     options = (f"latent_channels={latent_channels}", f"downsample={downsample}", f"kl_weight={kl_weight}")
     run_training("autoencoder", model_options=(*options, *model_options), **kwargs)
+
 
 @cli.command("train-features")
 @train_options("cnn", 1000, lr=2e-3, ema_decay=0.99)
