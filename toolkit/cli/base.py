@@ -10,6 +10,17 @@ from toolkit.cli.common import rank_prefix, os_error
 from toolkit.errors import ToolkitError
 
 
+def _leave_process_group() -> None:
+    """A rank that stops on an error leaves its process group before the interpreter exits: left to the
+    interpreter's teardown, gloo's threads can abort the process (SIGABRT) instead of exit status 2."""
+    dist = sys.modules.get("torch.distributed")
+    try:
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - leaving is best effort; the exit status is already decided
+        pass
+
+
 class ToolkitGroup(click.Group):
     """Turns a user error (ours or click's) into one line on stderr and exit status 2; looks up the commands
     that plugins add (``register_commands``) only for a name that is not built in."""
@@ -29,6 +40,12 @@ class ToolkitGroup(click.Group):
         return sorted({*super().list_commands(ctx), *get_registry().commands})
 
     def main(self, args=None, prog_name=None, **extra):  # type: ignore[override]
+        try:
+            return self._main(args, prog_name, **extra)
+        finally:
+            _leave_process_group()
+
+    def _main(self, args, prog_name, **extra):
         try:
             return super().main(args=args, prog_name=prog_name, standalone_mode=False, **extra)
         except click.exceptions.Exit as exc:
