@@ -22,10 +22,12 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
+from toolkit import optional
 from toolkit._version import __version__
 from toolkit.errors import ToolkitError
 from toolkit.files import atomic_write
 from toolkit.pipeline import Pipeline
+from toolkit.protocols import GradientGuidance
 from toolkit.sampling import as_v2, check_standard_loop, is_v2
 
 SAMPLER_KIND = "diffusion-toolkit-sampler"
@@ -57,7 +59,7 @@ class StepGraph(nn.Module):
         super().__init__()
         if not isinstance(pipeline.predictor, nn.Module):
             raise ToolkitError("only a torch.nn.Module predictor can be exported")
-        if pipeline.mean_shift or (pipeline.guidance is not None and hasattr(pipeline.guidance, "gradient")):
+        if pipeline.mean_shift or isinstance(pipeline.guidance, GradientGuidance):
             raise ToolkitError(
                 f"guidance {pipeline.guidance.name!r} cannot be exported: every step needs the classifier's "
                 "input gradient ∇log p(y|x_t); torch.export does not trace torch.autograd.grad, and the "
@@ -411,7 +413,7 @@ def sampler_metadata(pipeline: Pipeline, layout: str, inputs: list[str]) -> dict
         "noise": "seed" if "seed" in inputs else "inputs",
         "rng": RNG_NAME,
         "timesteps": plan.t.tolist(),
-        "eta": getattr(sampler, "eta", None),
+        "eta": optional.option(sampler, "eta"),
         "stochastic": plan.draws_per_step > 0,
         "sample_shape": list(pipeline.sample_shape),
         "output_shape": list(pipeline.output_shape),
@@ -421,7 +423,7 @@ def sampler_metadata(pipeline: Pipeline, layout: str, inputs: list[str]) -> dict
         "class_names": data.get("class_names"),
         "dataset": data.get("name"),
         "guidance": guidance.name if guidance is not None else None,
-        "guidance_scale": getattr(guidance, "scale", None) if guidance is not None else None,
+        "guidance_scale": optional.option(guidance, "scale") if guidance is not None else None,
         "model": pipeline.config.get("model", {}).get("name"),
         "layout": layout,
         "inputs": inputs,
@@ -554,7 +556,7 @@ def export_predictor(predictor: nn.Module | Pipeline, path: str | os.PathLike,
     dynamic = ({0: B}, {0: B}, {0: B} if conditional else None)
     model = _to_onnx(PredictorGraph(predictor).eval(), args, names, dynamic, "out", "the predictor")
     cfg = config or {}
-    prediction = getattr(predictor, "prediction", "epsilon")
+    prediction = optional.prediction(predictor)
     alphas_cumprod = None
     if cfg.get("schedule"):  # an app can write its own sampling loop from ᾱ_t (Ho et al. eq. 4)
         from toolkit.checkpoint import build_schedule
@@ -566,8 +568,8 @@ def export_predictor(predictor: nn.Module | Pipeline, path: str | os.PathLike,
             "output": {"epsilon": "the noise ε", "v": "the velocity v = √ᾱ ε − √(1−ᾱ) x_0",
                        "x0": "the clean sample x_0"}.get(prediction, prediction)
             + (", then the variance interpolation v of Improved DDPM (channels C..2C)"
-               if getattr(predictor, "learned_variance", False) else ""),
-            "learned_variance": bool(getattr(predictor, "learned_variance", False)),
+               if optional.learned_variance(predictor) else ""),
+            "learned_variance": optional.learned_variance(predictor),
             "schedule": cfg.get("schedule"), "alphas_cumprod": alphas_cumprod, "inputs": names,
             "value_range": [-1, 1] if prediction == "x0" else None}  # ε and v are unbounded
     return _save(model, path, {k: json.dumps(v, sort_keys=True) for k, v in meta.items()})

@@ -128,3 +128,48 @@ def test_a_misbehaving_plugin_step_is_named(bad, message):
                             predictor=toolkit.load_checkpoint("digits").model, sampler=Bad(), steps=3)
     with pytest.raises(toolkit.ToolkitError, match=r"sampler 'bad-step'.*" + message.replace("(", r"\(").replace(")", r"\)")):
         pipe.sample(2)
+
+
+def test_optional_members_are_named_protocols_the_kit_checks():
+    """What the core reads beyond the four protocols is a named protocol (isinstance), and the kit checks it."""
+    import attrs
+
+    from toolkit import protocols
+    from toolkit.testing import check_optional_members
+
+    ddpm, ddim = toolkit.create("sampler", "ddpm"), toolkit.create("sampler", "ddim")
+    assert isinstance(ddpm, protocols.HasLogVariance) and not isinstance(ddim, protocols.HasLogVariance)
+    assert isinstance(ddim, protocols.HasDefaultSteps) and isinstance(ddim, protocols.ClipsX0)
+    classifier = toolkit.create("guidance", "classifier")
+    assert isinstance(classifier, protocols.GradientGuidance) and isinstance(classifier, protocols.LatentAware)
+    assert not isinstance(toolkit.create("guidance", "cfg"), protocols.GradientGuidance)
+
+    with pytest.raises(AssertionError, match="default_steps must be None or an integer >= 1"):
+        check_optional_members(attrs.evolve(ddim, default_steps=0), "sampler")
+
+    class WrongSigma:
+        name = "wrong-sigma"
+
+        def __init__(self):
+            self.inner = toolkit.create("sampler", "ddpm")
+
+        def plan(self, schedule, steps):
+            return self.inner.plan(schedule, steps)
+
+        def init_state(self, x_T, plan):
+            return ()
+
+        def step(self, model_fn, x, state, i, plan, noise):
+            return self.inner.step(model_fn, x, state, i, plan, noise)
+
+        def log_variance(self, out, x, i, plan):
+            return torch.zeros(x.shape[0])  # one number per sample: not log Σ of x's shape
+
+    with pytest.raises(AssertionError, match="log_variance must return finite log Σ of x's shape"):
+        check_optional_members(WrongSigma(), "sampler")
+
+    class Labelled:
+        name, num_classes, latent_fingerprint = "labelled", "ten", None
+
+    with pytest.raises(AssertionError, match="num_classes must be None or >= 1"):
+        check_optional_members(Labelled(), "guidance")

@@ -238,7 +238,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         raise CheckpointError(f"checkpoint {str(path)!r}: {exc}") from None
     load_state(model, read_tensors(path, WEIGHTS), str(path))
     model.to(device).eval().requires_grad_(False)
-    if config.get("kind", "noise_predictor") == "noise_predictor" and getattr(model, "num_classes", None):
+    if config.get("kind", "noise_predictor") == "noise_predictor" and model.num_classes:
         # the null label ∅ is only meaningful when training dropped labels (--p-uncond > 0)
         p_uncond = config.get("training", {}).get("config", {}).get("p_uncond", 0.1)
         model.null_label_trained = bool(p_uncond and p_uncond > 0)

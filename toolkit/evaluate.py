@@ -15,7 +15,7 @@ import torch
 from attrs import asdict, define
 from torch import Tensor
 
-from toolkit import diffusion, limits
+from toolkit import diffusion, limits, optional
 from toolkit.data import ArrayDataset
 from toolkit.errors import ToolkitError
 from toolkit.metrics import class_entropy, frechet_distance
@@ -146,7 +146,7 @@ def nll(model: str | os.PathLike, *, dataset: str | None = None, dataset_options
         raise ToolkitError(f"batch size must be positive, got {batch_size}")
     n = len(data) if limit is None else min(limit, len(data))
     schedule = pipe.schedule
-    learned = bool(getattr(pipe.predictor, "learned_variance", False))
+    learned = optional.learned_variance(pipe.predictor)
     log_var_fn = log_variance_for(schedule, variance, learned)
     conditional = pipe.num_classes is not None and data.y is not None
     priors, terms = [], []
@@ -219,7 +219,7 @@ def feature_space(features: str | os.PathLike | None, dataset: str, sample_shape
         return FeatureSpace("raw", lambda x: x.reshape(len(x), -1))
     ckpt = load_checkpoint(features)
     net = ckpt.model
-    if ckpt.kind != "features" or not hasattr(net, "features"):
+    if ckpt.kind != "features" or not optional.has_methods(net, "features"):
         raise ToolkitError(f"{str(ckpt.path)!r} is a {ckpt.kind} checkpoint, not a feature network "
                            f"(make one with `toolkit train-features`)")
     if tuple(net.sample_shape) != tuple(sample_shape):
@@ -300,7 +300,7 @@ def sampler_grid(samplers: Sequence[str], etas: Sequence[float] | None,
         used |= set(shared)
         opts = {**shared, **own}
         base = create("sampler", name, **opts)  # validates the name and the options now
-        if etas and hasattr(base, "eta") and "eta" not in own:
+        if etas and optional.option(base, "eta") is not None and "eta" not in own:
             grid += [(name, {**opts, "eta": float(e)}) for e in etas]
         else:
             grid.append((name, opts))
@@ -390,7 +390,7 @@ def ode_errors(model: str | os.PathLike | None, samplers: Sequence[tuple[str, di
     for (name, opts, s), pipe in pipes.items():
         sampler = as_v2(pipe.sampler)
         plan = sampler.plan(pipe.schedule, pipe.steps)
-        clip = bool(getattr(pipe.sampler, "clip_x0", False))
+        clip = optional.clip_x0(pipe.sampler)
         err, rate = None, float("nan")
         if plan.draws_per_step == 0 and not pipe.mean_shift:
             t0 = time.perf_counter()

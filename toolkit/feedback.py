@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from toolkit import diffusion
+from toolkit import diffusion, optional
 from toolkit.errors import CheckpointError, ToolkitError
 
 METRICS = "metrics.jsonl"
@@ -112,7 +112,7 @@ def heldout_loss(model: nn.Module, schedule, x0: Tensor, y: Tensor | None, batch
     t = torch.randint(schedule.num_timesteps, (len(x0),), generator=g)
     noise = torch.randn(x0.shape, generator=g)
     C = x0.shape[1]
-    prediction = getattr(model, "prediction", "epsilon")
+    prediction = optional.prediction(model)
     total = 0.0
     was = model.training
     model.eval()

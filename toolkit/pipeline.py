@@ -13,10 +13,11 @@ import attrs
 from attrs import define, field
 from torch import Tensor, nn
 
-from toolkit import diffusion, limits
+from toolkit import diffusion, limits, optional
 from toolkit.errors import ToolkitError, parse_device
 from toolkit.noise import NoiseStreams
-from toolkit.protocols import Guidance, ModelFn, NoisePredictor, Sampler, Schedule
+from toolkit.protocols import (ChecksModel, GradientGuidance, Guidance, HasLogVariance, LatentAware, ModelFn,
+                                NoisePredictor, Sampler, Schedule)
 from toolkit.registry import create, missing_attributes
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ class Pipeline:
     @property
     def num_classes(self) -> int | None:
         """Labels accepted: the guidance's (a classifier's classes) or the predictor's."""
-        if self.guidance is not None and getattr(self.guidance, "num_classes", None) is not None:
+        if optional.guidance_classes(self.guidance) is not None:
             return self.guidance.num_classes
         return self.predictor.num_classes
 
@@ -94,8 +95,8 @@ class Pipeline:
         """Guidance applied to the mean with the sampler's Σ (Algorithm 1) rather than in ε-space."""
         from toolkit.sampling import is_v2
 
-        return (self.guidance is not None and hasattr(self.guidance, "gradient")
-                and hasattr(self.sampler, "log_variance") and is_v2(self.sampler))
+        return (isinstance(self.guidance, GradientGuidance) and isinstance(self.sampler, HasLogVariance)
+                and is_v2(self.sampler))
 
     def model_times(self) -> Tensor | None:
         """Training-schedule time for each sampling-schedule t (None when the schedules agree)."""
@@ -127,7 +128,7 @@ class Pipeline:
         elif self.guidance is not None:
             labels = None  # mean shift: the model itself samples unconditionally (∅)
         to_model_time = time_map or self.model_time_fn()
-        prediction = getattr(predictor, "prediction", "epsilon")
+        prediction = optional.prediction(predictor)
         alpha_bar = diffusion.alpha_bar_fn(self.schedule, self.device) if prediction != "epsilon" else None
 
         def fn(x_t: Tensor, t: Tensor) -> Tensor:
@@ -351,7 +352,7 @@ def compose(
         if tuple(latent_obj.sample_shape) != tuple(predictor.sample_shape):
             raise ToolkitError(f"the autoencoder's latents have shape {latent_obj.sample_shape}, the model "
                                f"samples {tuple(predictor.sample_shape)}")
-        if getattr(sampler_obj, "clip_x0", False) and "clip_x0" not in options and attrs.has(type(sampler_obj)):
+        if optional.clip_x0(sampler_obj) and "clip_x0" not in options and attrs.has(type(sampler_obj)):
             # latents are unit-variance, not confined to the data range [-1, 1]: clipping x̂_0 would distort them
             sampler_obj = attrs.evolve(sampler_obj, clip_x0=False)
     if schedule is None:
@@ -361,7 +362,7 @@ def compose(
     if isinstance(schedule, str):
         T = num_timesteps or (train_schedule.num_timesteps if train_schedule is not None else 1000)
         schedule = create("schedule", schedule, num_timesteps=T, **(schedule_options or {}))
-    if guidance_obj is not None and hasattr(guidance_obj, "latent_fingerprint"):
+    if isinstance(guidance_obj, LatentAware):
 
         def space(fp: str | None) -> str:
             return f"the latents of autoencoder {fp}" if fp else "the data"
@@ -370,10 +371,10 @@ def compose(
         if guidance_obj.latent_fingerprint != mine:
             raise ToolkitError(f"the {guidance_obj.name} guidance was trained on {space(guidance_obj.latent_fingerprint)}, "
                                f"the model samples {space(mine)}")
-    if guidance_obj is not None and hasattr(guidance_obj, "check"):
+    if isinstance(guidance_obj, ChecksModel):
         guidance_obj.check(predictor, train_schedule or schedule)
     if steps is None:
-        steps = getattr(sampler_obj, "default_steps", None) or schedule.num_timesteps
+        steps = optional.default_steps(sampler_obj) or schedule.num_timesteps
     from toolkit.sampling import sampler_plan
 
     sampler_plan(sampler_obj, schedule, steps)  # validates steps against T now, not mid-run

@@ -124,6 +124,77 @@ class Guidance(Protocol):
     def wrap(self, predictor: NoisePredictor, scale: Tensor) -> NoisePredictor: ...
 
 
+# ---------------------------------------------------------------- optional members
+# What the core reads beyond the four protocols, each a named protocol checked with isinstance (never a
+# getattr with a default outside toolkit/optional.py), and each with a conformance check in toolkit.testing.
+
+
+@runtime_checkable
+class HasLogVariance(Protocol):
+    """A sampler whose step draws from a Gaussian with log Σ = ``log_variance(out, x, i, plan)`` (ddpm):
+    classifier guidance then shifts its mean by Σ·s·∇ log p(y|x_t) (Algorithm 1 of Dhariwal & Nichol)."""
+
+    def log_variance(self, out: Tensor, x: Tensor, i: Tensor, plan: Any) -> Tensor: ...
+
+
+@runtime_checkable
+class HasDefaultSteps(Protocol):
+    """A sampler's number of steps when none is given (ddim 50, unipc 10); None: the schedule's T."""
+
+    default_steps: int | None
+
+
+@runtime_checkable
+class ClipsX0(Protocol):
+    """A sampler that clips x̂_0 to [-1, 1] when ``clip_x0``; a latent pipeline turns it off (latents are not
+    confined to the data range) unless the user set it."""
+
+    clip_x0: bool
+
+
+@runtime_checkable
+class Stochastic(Protocol):
+    """Whether a sampler draws noise in its steps (ddpm, ddim with η > 0): listed and recorded in exports."""
+
+    stochastic: bool
+
+
+@runtime_checkable
+class GradientGuidance(Protocol):
+    """Guidance that steers the mean: ``gradient(x_t, t, y, scale) -> s·∇_{x_t} log p(y|x_t)``. With a
+    HasLogVariance sampler the pipeline adds Σ times it to the mean; it cannot be exported (autograd)."""
+
+    def gradient(self, x_t: Tensor, t: Tensor, y: Tensor | None, scale: Any) -> Tensor: ...
+
+
+@runtime_checkable
+class LabelledGuidance(Protocol):
+    """Guidance with labels of its own (a classifier's K), which then bound the labels the pipeline accepts."""
+
+    num_classes: int | None
+
+
+@runtime_checkable
+class ChecksModel(Protocol):
+    """Guidance that can tell it does not fit a model: ``check(predictor, train_schedule)`` raises ToolkitError."""
+
+    def check(self, predictor: NoisePredictor, train_schedule: Schedule) -> None: ...
+
+
+@runtime_checkable
+class LatentAware(Protocol):
+    """Guidance trained on some data space: ``latent_fingerprint`` names the autoencoder whose latents it saw
+    (None: the data itself); composing it with a model of another space is refused."""
+
+    latent_fingerprint: str | None
+
+
+OPTIONAL_PROTOCOLS: dict[str, tuple[type, ...]] = {
+    "sampler": (HasLogVariance, HasDefaultSteps, ClipsX0, Stochastic),
+    "guidance": (GradientGuidance, LabelledGuidance, ChecksModel, LatentAware),
+}
+
+
 PROTOCOLS: dict[str, type] = {
     "schedule": Schedule,
     "sampler": Sampler,

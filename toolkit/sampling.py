@@ -16,6 +16,7 @@ import torch
 from attrs import define, field
 from torch import Tensor
 
+from toolkit import optional
 from toolkit.diffusion import log_snr
 from toolkit.errors import ToolkitError
 from toolkit.noise import NoiseStreams
@@ -186,16 +187,16 @@ class Plan:
 
 
 def is_v2(sampler: Any) -> bool:
-    return all(callable(getattr(sampler, n, None)) for n in ("plan", "init_state", "step"))
+    return optional.has_methods(sampler, "plan", "init_state", "step")
 
 
 def as_v2(sampler: Any) -> Sampler:
     """The sampler itself (plugin API 2), or a version-1 sampler behind ``V1Adapter``."""
     if is_v2(sampler):
         return sampler
-    if all(callable(getattr(sampler, n, None)) for n in ("timesteps", "step")):
+    if optional.has_methods(sampler, "timesteps", "step"):
         return V1Adapter(sampler)
-    raise ToolkitError(f"{getattr(sampler, 'name', type(sampler).__name__)!r} is not a sampler: it has neither "
+    raise ToolkitError(f"{optional.name(sampler)!r} is not a sampler: it has neither "
                        "plan/init_state/step (plugin API 2) nor timesteps/step (plugin API 1)")
 
 
@@ -212,7 +213,7 @@ def run_plan(sampler: Sampler, model_fn: ModelFn, plan: Plan, x_T: Tensor, *, no
     """
     plan = plan.cast(x_T.dtype, x_T.device)
     D = plan.draws_per_step
-    name = getattr(sampler, "name", type(sampler).__name__)
+    name = optional.name(sampler)
     if D and noise_fn is None:
         raise ToolkitError(f"sampler {name!r} draws noise: give a noise_fn")
     x = x_T
@@ -268,7 +269,7 @@ def sample_loop(
         tt = torch.full((B,), t, dtype=torch.long, device=x.device)
         tp = torch.full((B,), t_prev, dtype=torch.long, device=x.device)
         out = model_fn(x, tt)
-        noise = noise_fn(i) if getattr(sampler, "stochastic", False) and t_prev >= 0 else None
+        noise = noise_fn(i) if optional.stochastic(sampler) and t_prev >= 0 else None
         x = sampler.step(out, x, tt, tp, schedule, noise)
         if progress is not None:
             progress(1)
@@ -287,7 +288,7 @@ class V1Adapter:
         ts = self.base.timesteps(schedule, steps).to(torch.long)
         prev = torch.cat([ts[1:], torch.tensor([-1])])
         return Plan(t=ts.double(), steps=int(steps), tables={"t": ts, "t_prev": prev},
-                    draws_per_step=1 if getattr(self.base, "stochastic", False) else 0, schedule=schedule)
+                    draws_per_step=1 if optional.stochastic(self.base) else 0, schedule=schedule)
 
     def init_state(self, x_T: Tensor, plan: Plan) -> tuple[Tensor, ...]:
         return ()
@@ -304,9 +305,9 @@ class V1Adapter:
 
 def check_standard_loop(sampler: SamplerV1, schedule: Schedule, steps: int, shape: tuple[int, ...]) -> None:
     """Refuse a version-1 sampler whose own ``sample`` is not the standard loop (the exporter could not see it)."""
-    if not callable(getattr(sampler, "sample", None)):
+    if not optional.has_methods(sampler, "sample"):
         return
-    name = getattr(sampler, "name", type(sampler).__name__)
+    name = optional.name(sampler)
 
     def model(x: Tensor, t: Tensor) -> Tensor:
         return torch.tanh(0.5 * x + t.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1))) / schedule.num_timesteps)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from toolkit import optional
 from toolkit.errors import ToolkitError
 from toolkit.noise import NoiseStreams
 from toolkit.protocols import Guidance, NoisePredictor, Sampler, Schedule
@@ -27,7 +28,7 @@ def _require(obj: Any, protocol: type, what: str) -> None:
 
 def check_schedule(schedule: Schedule) -> None:
     """Attributes, float64 [T] arrays, β in (0, 1), ᾱ = Π(1-β) strictly decreasing."""
-    name = getattr(schedule, "name", type(schedule).__name__)
+    name = optional.name(schedule)
     _require(schedule, Schedule, f"schedule {name!r}")
     T = schedule.num_timesteps
     assert isinstance(T, int) and T >= 1, f"schedule {name!r}: num_timesteps must be a positive int, got {T!r}"
@@ -119,7 +120,7 @@ def check_sampler(sampler: Sampler, schedule: Schedule | None = None, shape: tup
     from toolkit.protocols import SamplerV1
     from toolkit.sampling import as_v2, check_standard_loop, is_v2
 
-    name = getattr(sampler, "name", type(sampler).__name__)
+    name = optional.name(sampler)
     if not is_v2(sampler):
         _require(sampler, SamplerV1, f"sampler {name!r} (plugin API 1)")
     schedule = schedule or _schedule()
@@ -162,6 +163,7 @@ def check_sampler(sampler: Sampler, schedule: Schedule | None = None, shape: tup
             check_standard_loop(sampler, schedule, steps, shape)
         except ToolkitError as exc:
             raise AssertionError(f"sampler {name!r}: {exc}") from exc
+    check_optional_members(sampler, "sampler", schedule=schedule, steps=steps, shape=shape)
     check_convergence(sampler, shape=shape)
     if export:
         check_exported(sampler, schedule, steps, shape)
@@ -189,7 +191,7 @@ def check_convergence(sampler: Sampler, shape: tuple[int, ...] = (1, 4, 4), mu: 
     from toolkit.diffusion import alpha_bar
     from toolkit.sampling import as_v2
 
-    name = getattr(sampler, "name", type(sampler).__name__)
+    name = optional.name(sampler)
     schedule = _schedule(1000)
     model = gaussian_eps(mu, s, schedule)
     ok = valid_steps(sampler, schedule, (5, 10, 20, 40, 80))
@@ -251,7 +253,7 @@ def check_exported(sampler: Sampler, schedule: Schedule | None = None, steps: in
     from toolkit.pipeline import Pipeline
     from toolkit.sampling import as_v2, run_plan
 
-    name = getattr(sampler, "name", type(sampler).__name__)
+    name = optional.name(sampler)
     schedule = schedule or _schedule()
     net = _ToyNet(shape).eval()
     pipe = Pipeline(schedule=schedule, predictor=net, sampler=sampler, steps=steps)
@@ -284,7 +286,7 @@ def check_traceable_step(sampler: Sampler, schedule: Schedule, steps: int = 5, s
     """One ``step`` captured by torch.export (what the ONNX exporter traces) gives the eager result."""
     from toolkit.sampling import as_v2
 
-    name = getattr(sampler, "name", type(sampler).__name__)
+    name = optional.name(sampler)
     v2 = as_v2(sampler)
     plan = v2.plan(schedule, steps).cast(torch.float32)
     x = torch.randn(3, *shape)
@@ -305,15 +307,60 @@ def check_traceable_step(sampler: Sampler, schedule: Schedule, steps: int = 5, s
         assert torch.allclose(got, want, atol=1e-6), f"sampler {name!r}: the exported step differs from the eager one"
 
 
+def check_optional_members(obj: Any, kind: str, *, schedule: Schedule | None = None, steps: int = 5,
+                           shape: tuple[int, ...] = (1, 4, 4), predictor: NoisePredictor | None = None) -> None:
+    """Each optional protocol (toolkit/protocols.py) that ``obj`` has, it must honour: the types of its
+    members, and for methods the shapes of what they return (the core reads them without further checks)."""
+    from toolkit import protocols
+    from toolkit.sampling import as_v2
+
+    name = optional.name(obj)
+    for proto in protocols.OPTIONAL_PROTOCOLS[kind]:
+        if not isinstance(obj, proto):
+            continue
+        where = f"{kind} {name!r} ({proto.__name__})"
+        if proto is protocols.HasDefaultSteps:
+            v = obj.default_steps
+            assert v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1), \
+                f"{where}: default_steps must be None or an integer >= 1, got {v!r}"
+        elif proto in (protocols.ClipsX0, protocols.Stochastic):
+            member = "clip_x0" if proto is protocols.ClipsX0 else "stochastic"
+            assert isinstance(getattr(obj, member), bool), f"{where}: {member} must be a bool"
+        elif proto is protocols.HasLogVariance:
+            schedule = schedule or _schedule()
+            plan = as_v2(obj).plan(schedule, steps)
+            x = torch.randn(2, *shape)
+            for out in (torch.randn(2, *shape), torch.randn(2, 2 * shape[0], *shape[1:])):
+                try:
+                    lv = obj.log_variance(out, x, torch.tensor(0), plan.cast(x.dtype))
+                except ToolkitError:
+                    continue  # e.g. a learned Σ asked of a model without one: a clear refusal is fine
+                assert isinstance(lv, Tensor) and lv.shape == x.shape and bool(torch.isfinite(lv).all()), \
+                    f"{where}: log_variance must return finite log Σ of x's shape"
+        elif proto is protocols.LabelledGuidance:
+            K = obj.num_classes
+            assert K is None or (isinstance(K, int) and K >= 1), f"{where}: num_classes must be None or >= 1"
+        elif proto is protocols.LatentAware:
+            assert obj.latent_fingerprint is None or isinstance(obj.latent_fingerprint, str), \
+                f"{where}: latent_fingerprint must be None or a string"
+        elif proto is protocols.GradientGuidance and predictor is not None:
+            x = torch.randn(2, *predictor.sample_shape)
+            K = optional.guidance_classes(obj) or predictor.num_classes or 2
+            g = obj.gradient(x, torch.tensor([10, 500]), torch.arange(2) % K, torch.tensor([1.0, 2.0]))
+            assert isinstance(g, Tensor) and g.shape == x.shape and bool(torch.isfinite(g).all()), \
+                f"{where}: gradient must return a finite tensor of x_t's shape"
+
+
 def check_guidance(guidance: Guidance, predictor: NoisePredictor, labels: Tensor | None = None,
                    t: Tensor | None = None) -> None:
     """wrap() returns a NoisePredictor of the same output shape; per-sample scales; no NaN; scale 0 vs >0."""
-    name = getattr(guidance, "name", type(guidance).__name__)
+    name = optional.name(guidance)
     _require(guidance, Guidance, f"guidance {name!r}")
+    check_optional_members(guidance, "guidance", predictor=predictor)
     B = 3
     x = torch.randn(B, *predictor.sample_shape)
     t = t if t is not None else torch.tensor([10, 400, 900])
-    K = predictor.num_classes or getattr(guidance, "num_classes", None) or 2
+    K = predictor.num_classes or optional.guidance_classes(guidance) or 2
     y = labels if labels is not None else torch.arange(B) % K
     wrapped = guidance.wrap(predictor, torch.tensor([0.0, 1.0, 4.0]))
     _require(wrapped, NoisePredictor, f"guidance {name!r}: wrap(...)")

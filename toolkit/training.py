@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from toolkit import checkpoint, diffusion, distributed, limits, schema
+from toolkit import checkpoint, diffusion, distributed, limits, optional, schema
 from toolkit._version import __version__
 from toolkit.data import ArrayDataset
 from toolkit.errors import CheckpointError, ToolkitError, parse_device
@@ -172,7 +172,7 @@ def loss_simple(model: nn.Module, schedule, x0: Tensor, t: Tensor, noise: Tensor
     out = model(x_t, t, y)
     C = x0.shape[1]
     pred = out[:, :C]
-    prediction = getattr(model, "prediction", "epsilon")
+    prediction = optional.prediction(model)
     if prediction == "epsilon":
         target = noise
     elif prediction == "v":
