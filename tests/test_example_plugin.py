@@ -92,3 +92,19 @@ def test_the_plugin_adds_a_command(installed):
     r = toolkit("euler-grid", "--steps", 0)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "error: Invalid value for '--steps': 0 is not in the range x>=1."]
+
+
+def test_the_plugin_adds_a_training_task(installed, tmp_path):
+    """`register_tasks`: `toolkit train --task eps-l1` trains with the plugin's loss in the toolkit's loop, and
+    its checkpoint samples like any noise predictor's."""
+    run = tmp_path / "l1"
+    r = toolkit("train", "--task", "eps-l1", "--model-option", "base_channels=8", "--model-option", "attention_heads=2",
+                "--steps", 4, "--batch-size", 8, "--checkpoint-every", 2, "--out", run)
+    assert r.returncode == 0, r.stderr
+    config = json.loads((run / "config.json").read_text())
+    assert config["kind"] == "eps-l1" and config["training"]["step"] == 4
+    assert [row["step"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [2, 4]
+    r = toolkit("compose", "--model", run, "--steps", 3, "-n", 2, "--class", 5, "--out", tmp_path / "s.npy")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(toolkit("plugins", "--json").stdout)
+    assert any(e["name"] == "eps-l1" and e["dist"] == "toolkit-plugin-example" for e in data["plugins"]["task"])

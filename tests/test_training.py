@@ -3,7 +3,7 @@
 import torch
 
 import toolkit
-from toolkit.training import HYBRID_LAMBDA, loss_hybrid, loss_simple
+from toolkit.losses import HYBRID_LAMBDA, loss_hybrid, loss_simple
 
 
 def output_grads(model, loss_fn):

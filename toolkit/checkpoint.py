@@ -29,8 +29,16 @@ FORMAT_VERSION = 1
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 TRAINING_STATE = "training_state.safetensors"
-PLUGIN_KIND = {"noise_predictor": "model", "classifier": "classifier", "features": "classifier",
-               "autoencoder": "latent"}  # the registry kind that builds each checkpoint kind's network
+def network_kind(kind: str) -> str | None:
+    """The registry kind that builds the network of a checkpoint of ``kind``: the ``network_kind`` of the
+    training task of that name (toolkit plugins), None for a kind no installed task knows."""
+    from toolkit.registry import get_registry
+
+    try:
+        entry = get_registry().lookup("task", kind)
+    except ToolkitError:
+        return None
+    return entry.factory().network_kind
 
 
 @define(frozen=True)
@@ -192,7 +200,7 @@ def read_tensors(path: str | os.PathLike, name: str = WEIGHTS, device: str | tor
 def build_model(config: dict[str, Any]) -> nn.Module:
     from toolkit.registry import create
 
-    kind = PLUGIN_KIND.get(config.get("kind", "noise_predictor"))
+    kind = network_kind(config.get("kind", "noise_predictor"))
     if kind is None:
         raise CheckpointError(f"checkpoint holds an unknown kind {config.get('kind')!r}")
     spec = config["model"]
@@ -238,7 +246,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         raise CheckpointError(f"checkpoint {str(path)!r}: {exc}") from None
     load_state(model, read_tensors(path, WEIGHTS), str(path))
     model.to(device).eval().requires_grad_(False)
-    if config.get("kind", "noise_predictor") == "noise_predictor" and model.num_classes:
+    if network_kind(config.get("kind", "noise_predictor")) == "model" and model.num_classes:
         # the null label ∅ is only meaningful when training dropped labels (--p-uncond > 0)
         p_uncond = config.get("training", {}).get("config", {}).get("p_uncond", 0.1)
         model.null_label_trained = bool(p_uncond and p_uncond > 0)

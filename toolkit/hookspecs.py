@@ -22,6 +22,7 @@ HOOKS: dict[str, str] = {
     "dataset": "register_datasets",
     "latent": "register_latents",
     "pretrained": "register_pretrained",
+    "task": "register_tasks",
 }
 COMMAND_HOOK = "register_commands"  # not a kind: it adds click commands, listed by `toolkit plugins`
 
@@ -64,6 +65,11 @@ def register_latents(register):
 @hookspec
 def register_pretrained(register):
     """Register shipped checkpoints: factory() -> path of a checkpoint directory."""
+
+
+@hookspec
+def register_tasks(register):
+    """Register training tasks: factory() -> Task (what `toolkit train` learns: network and loss)."""
 
 
 @hookspec

@@ -329,7 +329,9 @@ def compose(
     config: dict[str, Any] = {}
     if model is None or isinstance(model, (str, os.PathLike)):
         ckpt = load_checkpoint(DEFAULT_MODEL if model is None else model, device=device)
-        if ckpt.kind != "noise_predictor":
+        from toolkit.checkpoint import network_kind
+
+        if network_kind(ckpt.kind) != "model":  # a noise predictor, from the built-in task or a plugin's
             raise ToolkitError(f"checkpoint {str(ckpt.path)!r} holds a {ckpt.kind} checkpoint, not a noise predictor")
         predictor, train_schedule, config = ckpt.model, ckpt.schedule, ckpt.config
     else:

@@ -1,4 +1,5 @@
-"""The four interfaces every plugin implements: Schedule, NoisePredictor, Sampler, Guidance.
+"""The four interfaces every plugin implements: Schedule, NoisePredictor, Sampler, Guidance (and Classifier
+and Task for the other kinds).
 
 Time convention: t is a 0-based index (0..T-1) into the schedule's arrays; the papers' t = 1..T
 maps to t - 1, and t_prev = -1 means "after the last step" (ᾱ = 1, clean data).
@@ -124,6 +125,39 @@ class Guidance(Protocol):
     def wrap(self, predictor: NoisePredictor, scale: Tensor) -> NoisePredictor: ...
 
 
+@runtime_checkable
+class Task(Protocol):
+    """What one kind of training run learns; the toolkit's training loop (AdamW, warm-up, EMA, clipping,
+    precision, DDP, checkpoints, exact resume) does the rest. ``name`` is the checkpoint's ``kind``;
+    ``network_kind`` the registry kind that builds its network again from a checkpoint ("model",
+    "classifier", "latent"). Every step the loop draws, from the step's generator: the batch rows, t,
+    ε of the data's shape and the label-dropout mask; then ``extra_noise(model, n, generator)``.
+
+    ``build(config, data)``: the network for the data (``TrainConfig``, ``ArrayDataset``).
+    ``loss(net, schedule, batch)``: the loss of one batch (``toolkit.training.Batch``).
+    ``model_options(model, config, data)``: what config.json records to build the network again.
+    ``scores(ema_model, schedule, x, y)``: held-out scores of the EMA network (e.g. accuracy, loss); {} for none.
+    ``summary(ema_model, x)``: extra top-level config.json fields from the EMA network and the training data x.
+    ``samples``: whether it samples (previews with --sample-every).
+    """
+
+    name: str
+    network_kind: str
+    samples: bool
+
+    def build(self, config: Any, data: Any) -> Any: ...
+
+    def extra_noise(self, model: Any, n: int, generator: Any) -> dict[str, Tensor]: ...
+
+    def loss(self, net: Any, schedule: Schedule, batch: Any) -> Tensor: ...
+
+    def model_options(self, model: Any, config: Any, data: Any) -> dict[str, Any]: ...
+
+    def scores(self, model: Any, schedule: Schedule, x: Tensor, y: Tensor | None) -> dict[str, Any]: ...
+
+    def summary(self, model: Any, x: Tensor) -> dict[str, Any]: ...
+
+
 # ---------------------------------------------------------------- optional members
 # What the core reads beyond the four protocols, each a named protocol checked with isinstance (never a
 # getattr with a default outside toolkit/optional.py), and each with a conformance check in toolkit.testing.
@@ -201,4 +235,5 @@ PROTOCOLS: dict[str, type] = {
     "guidance": Guidance,
     "model": NoisePredictor,
     "classifier": Classifier,
+    "task": Task,
 }

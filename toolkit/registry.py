@@ -23,7 +23,7 @@ ENTRY_POINT_GROUP = "toolkit.plugins"
 KINDS = tuple(hookspecs.HOOKS)
 _PLURALS = {"schedules": "schedule", "samplers": "sampler", "models": "model",
             "datasets": "dataset", "latents": "latent", "guidances": "guidance",
-            "classifiers": "classifier"}
+            "classifiers": "classifier", "tasks": "task"}
 
 
 @define(frozen=True)

@@ -15,21 +15,17 @@ from typing import Any, Callable
 import torch
 import attrs
 from attrs import asdict, define, field, validators
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from toolkit import checkpoint, diffusion, distributed, limits, optional, schema
+from toolkit import checkpoint, distributed, limits, optional, schema
 from toolkit._version import __version__
-from toolkit.data import ArrayDataset
 from toolkit.errors import CheckpointError, ToolkitError, parse_device
 from toolkit.noise import sample_seed
 from toolkit.registry import create
 
-TASKS = ("noise_predictor", "classifier", "features", "autoencoder")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SYNC_EVERY = 10  # steps between reading the loss back (progress bar, divergence check)
-TRAINING_COPIES = 5  # weights, EMA, gradients and AdamW's two moments
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "sample_every")  # everything else must match the checkpoint to resume
 
 
@@ -63,7 +59,7 @@ def _unit(instance, attribute, value) -> None:
 class TrainConfig:
     """Everything that defines a training run; recorded in the checkpoint's config.json."""
 
-    task: str = field(default="noise_predictor", validator=validators.in_(TASKS))
+    task: str = "noise_predictor"  # a registered task (toolkit plugins): what the run learns
     dataset: str = "digits"
     dataset_options: dict[str, Any] = field(factory=dict)
     model: str = "unet"
@@ -90,6 +86,21 @@ class TrainConfig:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@define(frozen=True)
+class Batch:
+    """One step's share of the batch, as a task's loss sees it (everything on the training device)."""
+
+    x0: Tensor
+    y: Tensor | None  # the data's labels (None for a model without classes)
+    t: Tensor  # uniform timesteps
+    noise: Tensor  # ε of the data's shape
+    drop: Tensor  # where the label is replaced by the null label ∅ (probability p_uncond)
+    extra: dict[str, Tensor]  # the task's own draws (extra_noise)
+    null_label: int | None  # K
+    levels: int | None  # the data's number of levels (the discretized decoder of L_vlb)
+    config: "TrainConfig"
 
 
 @define
@@ -128,121 +139,6 @@ def _recorded(kind: str, name: str) -> dict[str, str]:
 
     entry = get_registry().lookup(kind, name)
     return {"name": entry.name, "dist": entry.dist}
-
-
-def build(config: TrainConfig, data: ArrayDataset) -> nn.Module:
-    """The network the config describes, shaped for the data."""
-    if config.task == "autoencoder":
-        if config.latent:
-            raise ToolkitError("an autoencoder trains on the data itself: drop --latent")
-        model = limits.bounded_module(f"autoencoder {config.model!r}", lambda: create(
-            "latent", config.model, **{**config.model_options, "sample_shape": data.sample_shape}), TRAINING_COPIES)
-        if not isinstance(model, nn.Module):
-            raise ToolkitError(f"autoencoder {config.model!r} is not a torch.nn.Module and cannot be trained")
-        return model
-    if config.task in ("classifier", "features"):
-        if data.y is None:
-            raise ToolkitError(f"dataset {data.name!r} has no labels: it cannot train a classifier")
-        model = limits.bounded_module(f"classifier {config.model!r}", lambda: create(
-            "classifier", config.model, **{**config.model_options, "sample_shape": data.sample_shape,
-                                           "num_classes": data.num_classes}), TRAINING_COPIES)
-        if not isinstance(model, nn.Module):
-            raise ToolkitError(f"classifier {config.model!r} is not a torch.nn.Module and cannot be trained")
-        return model
-    conditional = config.conditional if config.conditional is not None else data.y is not None
-    if conditional and data.y is None:
-        raise ToolkitError(f"dataset {data.name!r} has no labels: it cannot train a class-conditional model")
-    if config.loss == "hybrid" and not config.learned_variance:
-        raise ToolkitError("--loss hybrid trains the variance through L_vlb: add --learn-variance")
-    if config.loss == "hybrid" and config.prediction != "epsilon":
-        raise ToolkitError("--loss hybrid needs --prediction epsilon")
-    options = dict(config.model_options)
-    options.update(sample_shape=data.sample_shape, num_classes=data.num_classes if conditional else None,
-                   prediction=config.prediction, learned_variance=config.learned_variance)
-    model = limits.bounded_module(f"model {config.model!r}", lambda: create("model", config.model, **options),
-                                  TRAINING_COPIES)
-    if not isinstance(model, nn.Module):
-        raise ToolkitError(f"model {config.model!r} is not a torch.nn.Module and cannot be trained")
-    return model
-
-
-def loss_simple(model: nn.Module, schedule, x0: Tensor, t: Tensor, noise: Tensor, y: Tensor | None) -> Tensor:
-    """L_simple = ‖ε - ε_θ(√ᾱ_t x_0 + √(1-ᾱ_t) ε, t)‖² (Algorithm 1), or the v / x_0 target."""
-    x_t = diffusion.q_sample(schedule, x0, t, noise)
-    out = model(x_t, t, y)
-    C = x0.shape[1]
-    pred = out[:, :C]
-    prediction = optional.prediction(model)
-    if prediction == "epsilon":
-        target = noise
-    elif prediction == "v":
-        target = diffusion.v_target(schedule, x0, t, noise)
-    else:
-        target = x0
-    return (pred - target).pow(2).mean()
-
-
-HYBRID_LAMBDA = 0.001  # λ of L_hybrid = L_simple + λ L_vlb (Nichol & Dhariwal)
-
-
-def loss_hybrid(model: nn.Module, schedule, x0: Tensor, t: Tensor, noise: Tensor, y: Tensor | None,
-                levels: int | None) -> Tensor:
-    """L_hybrid = L_simple + λ·L_vlb; L_vlb ≈ T·L_t for uniform t, and L_t sees a stop-gradient ε (mean)."""
-    x_t = diffusion.q_sample(schedule, x0, t, noise)
-    out = model(x_t, t, y)
-    C = x0.shape[1]
-    eps, v_raw = out[:, :C], out[:, C:]
-    simple = (eps - noise).pow(2).mean()
-    log_variance = diffusion.learned_range_log_variance(schedule, t, v_raw)
-    vlb = diffusion.vlb_terms(schedule, x0, x_t, t, eps.detach(), log_variance, levels).mean()
-    return simple + HYBRID_LAMBDA * schedule.num_timesteps * vlb
-
-
-def loss_autoencoder(model: nn.Module, x0: Tensor, noise: Tensor) -> Tensor:
-    """‖x − D(z)‖² + kl_weight·KL(q(z|x) ‖ N(0, I)), z = μ + σ·noise (Rombach et al.'s KL-regularized autoencoder)."""
-    recon, kl = model(x0, noise)
-    return (recon - x0).pow(2).mean() + model.kl_weight * kl
-
-
-@torch.no_grad()
-def autoencoder_summary(model: nn.Module, x: Tensor, batch_size: int = 500) -> dict[str, Any]:
-    """The latent scale factor 1/std(z) over the data, the fingerprint, and the reconstruction error."""
-    was = model.training
-    model.eval()
-    zs, sq, worst = [], 0.0, 0.0
-    for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size]
-        z = model.encode(xb)
-        err = model.decode(z) - xb
-        zs.append(z.cpu())
-        sq += float(err.double().pow(2).sum())
-        worst = max(worst, float(err.abs().max()))
-    model.train(was)
-    z = torch.cat(zs)
-    return {"scale_factor": float(1.0 / z.double().std()), "fingerprint": checkpoint.weights_fingerprint(model.state_dict()),
-            "latent_shape": list(z.shape[1:]), "data_shape": list(x.shape[1:]),
-            "reconstruction_mse": sq / x.numel(), "reconstruction_max_abs": worst}
-
-
-def loss_features(model: nn.Module, x0: Tensor, y: Tensor) -> Tensor:
-    """Cross-entropy of a classifier on the clean data (its penultimate layer becomes the FD features)."""
-    return F.cross_entropy(model(x0), y)
-
-
-@torch.no_grad()
-def holdout_accuracy(model: nn.Module, task: str, x: Tensor, y: Tensor) -> float:
-    """Accuracy on held-out clean data (a noise-aware classifier is asked at t = 0)."""
-    was = model.training
-    model.eval()
-    t = torch.zeros(len(x), dtype=torch.long, device=x.device)
-    logits = model(x) if task == "features" else model(x, t)
-    model.train(was)
-    return float((logits.argmax(1) == y).float().mean())
-
-
-def loss_classifier(model: nn.Module, schedule, x0: Tensor, t: Tensor, noise: Tensor, y: Tensor) -> Tensor:
-    """Cross-entropy of p_φ(y | x_t, t) on data noised to a uniformly drawn t (Dhariwal & Nichol)."""
-    return F.cross_entropy(model(diffusion.q_sample(schedule, x0, t, noise), t), y)
 
 
 def _holding_output_lock(fn):
@@ -343,9 +239,12 @@ def train(
         start_step = saved["training"]["step"]
         history = list(saved["training"].get("commands") or [saved["training"].get("command")])
 
+    task = create("task", config.task)
     data = create("dataset", config.dataset, **config.dataset_options)
     latent = None
-    if config.latent and config.task != "autoencoder":
+    if config.latent and task.network_kind == "latent":
+        raise ToolkitError("an autoencoder trains on the data itself: drop --latent")
+    if config.latent:
         from toolkit.latent import encode_dataset, load_latent
 
         latent = load_latent(config.latent, device)
@@ -357,12 +256,14 @@ def train(
         data = encode_dataset(latent, data, device)  # once, kept in memory
     schedule = create("schedule", config.schedule, num_timesteps=config.num_timesteps)
     torch.manual_seed(config.seed)
-    model = build(config, data).to(device)
-    classifier = config.task in ("classifier", "features")
-    autoencoder = config.task == "autoencoder"
-    recorded = {"model": _recorded(checkpoint.PLUGIN_KIND[config.task], config.model),
+    if config.holdout > 0 and task.network_kind == "latent":
+        raise ToolkitError("--holdout applies to noise predictors, classifiers and feature networks")
+    if config.sample_every and not task.samples:
+        raise ToolkitError("--sample-every previews what a noise predictor samples; this task samples nothing")
+    model = task.build(config, data).to(device)
+    recorded = {"model": _recorded(task.network_kind, config.model),
                 "schedule": _recorded("schedule", config.schedule)}  # dist:name, resolved once
-    conditional = model.num_classes is not None and not autoencoder
+    conditional = optional.option(model, "num_classes") is not None
     config = TrainConfig(**{**config.to_json(), "conditional": conditional})
     ema = _ema(model, config.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -388,20 +289,16 @@ def train(
     pool = torch.arange(N)  # training indices; a seeded held-out split leaves them with --holdout
     held = pool[:0]
     if config.holdout > 0:
-        if autoencoder:
-            raise ToolkitError("--holdout applies to noise predictors, classifiers and feature networks")
         perm = torch.randperm(N, generator=torch.Generator().manual_seed(config.seed))
         n_held = max(1, int(round(config.holdout * N)))
         if n_held >= N:
             raise ToolkitError(f"--holdout {config.holdout} leaves no training data")
         held, pool = perm[:n_held], perm[n_held:].sort().values
     params = sum(p.numel() for p in model.parameters())
-    if config.sample_every and (classifier or autoencoder):
-        raise ToolkitError("--sample-every previews what a noise predictor samples; this task samples nothing")
-    from toolkit.feedback import RunLog, heldout_loss, preview_image
+    from toolkit.feedback import RunLog, preview_image
 
     run_log = RunLog(out, start_step if resume else None, log) if world.main else None
-    held_loss: float | None = None
+    scores: dict[str, Any] = {}  # the task's held-out scores at the last checkpoint
 
     def lr_at(step: int) -> float:
         return config.lr * min(1.0, (step + 1) / max(1, config.warmup))
@@ -411,11 +308,7 @@ def train(
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):  # never save a diverged model
                 raise ToolkitError(f"training diverged before step {step}: {name} is not finite; nothing was saved "
                                    f"(the checkpoint at {str(out)!r}, if any, is as it was); lower --lr")
-        options = {**config.model_options, "sample_shape": list(data.sample_shape), "num_classes": model.num_classes}
-        if autoencoder:
-            options.pop("num_classes")
-        elif not classifier:
-            options.update(learned_variance=model.learned_variance, prediction=config.prediction)
+        options = task.model_options(model, config, data)
         cfg = {
             "kind": config.task,
             "toolkit_version": __version__,
@@ -429,17 +322,12 @@ def train(
                          "command": history[0] if history else command,
                          "commands": [c for c in [*history, command] if c], "torch_version": torch.__version__},
         }
-        if autoencoder:
-            cfg["latent"] = autoencoder_summary(ema.module, x_all)
-        elif latent is not None:
+        cfg.update(task.summary(ema.module, x_all))
+        if latent is not None:
             cfg["latent"] = latent.to_json()
             cfg["data"].update(shape=list(pixels.sample_shape), levels=pixels.levels, latent_shape=list(data.sample_shape))
-        if classifier and len(held):
-            cfg["training"]["holdout_accuracy"] = holdout_accuracy(
-                ema.module, config.task, x_all[held.to(device)], y_all[held.to(device)])
-            cfg["training"]["holdout_size"] = len(held)
-        elif len(held):
-            cfg["training"].update(holdout_loss=held_loss, holdout_size=len(held))
+        if len(held):
+            cfg["training"].update(scores, holdout_size=len(held))
         extra = {"model." + k: v for k, v in model.state_dict().items()}
         extra.update(_optimizer_tensors(opt))
         extra["ema.n_averaged"] = ema.n_averaged.detach().clone()
@@ -469,31 +357,18 @@ def train(
         t = torch.randint(config.num_timesteps, (config.batch_size,), generator=g)
         noise = torch.randn((config.batch_size, *data.sample_shape), generator=g)
         drop = torch.rand(config.batch_size, generator=g) < config.p_uncond
-        if autoencoder:
-            noise_z = torch.randn((config.batch_size, *model.latent_shape), generator=g)
+        extra = task.extra_noise(model, config.batch_size, g)
         idx, t, noise, drop = idx[rows], t[rows], noise[rows], drop[rows]  # this rank's part of the batch
-        x0 = x_all[idx.to(device)]
-        y = None
-        if classifier:
-            y = y_all[idx.to(device)]
-        elif conditional:
-            y = torch.where(drop.to(device), torch.full_like(y_all[idx.to(device)], model.num_classes),
-                            y_all[idx.to(device)])
+        rows_on = idx.to(device)
+        batch = Batch(x0=x_all[rows_on], y=y_all[rows_on] if conditional else None, t=t.to(device),
+                      noise=noise.to(device), drop=drop.to(device), extra={k: v[rows].to(device) for k, v in extra.items()},
+                      null_label=optional.option(model, "num_classes"), levels=data.levels, config=config)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         # dropout (and any other draw of the global RNG) depends on (seed, step, rank) alone: resume is exact
         torch.manual_seed(sample_seed(config.seed, (step << 16) + world.rank))
         with autocast:
-            if autoencoder:
-                loss = loss_autoencoder(net, x0, noise_z[rows].to(device))
-            elif config.task == "features":
-                loss = loss_features(net, x0, y)
-            elif classifier:
-                loss = loss_classifier(net, schedule, x0, t.to(device), noise.to(device), y)
-            elif config.loss == "hybrid":
-                loss = loss_hybrid(net, schedule, x0, t.to(device), noise.to(device), y, data.levels)
-            else:
-                loss = loss_simple(net, schedule, x0, t.to(device), noise.to(device), y)
+            loss = task.loss(net, schedule, batch)
         opt.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -522,13 +397,13 @@ def train(
                 row = {"step": done, "loss": loss_avg, "loss_step": float(loss.detach()), "lr": lr_at(step),
                        "grad_norm": float(grad_norm), "steps_per_s": (done - start_step) / max(elapsed, 1e-9),
                        "elapsed_s": round(prev_elapsed + elapsed, 3)}
-                if checkpoint_now and len(held) and not classifier:
-                    held_loss = heldout_loss(ema.module, schedule, x_all[held.to(device)],
-                                             y_all[held.to(device)] if conditional else None)
-                    row["holdout_loss"] = held_loss
+                if checkpoint_now and len(held):
+                    scores = task.scores(ema.module, schedule, x_all[held.to(device)],
+                                         y_all[held.to(device)] if conditional else None)
+                    row.update(scores)
                 run_log.add(row)
         if world.main and config.sample_every and done % config.sample_every == 0:
-            run_log.preview(done, preview_image(ema.module, schedule, latent, model.num_classes))
+            run_log.preview(done, preview_image(ema.module, schedule, latent, optional.option(model, "num_classes")))
         if checkpoint_now:
             if world.main:
                 save(done, loss_avg, prev_elapsed + time.perf_counter() - t0)

@@ -55,10 +55,12 @@ def run_training(task: str, dataset, data_options, model, model_options, schedul
               help="Steps between preview grids (a scatter plot for 2-D data) saved in the checkpoint; 0: none.")
 @click.option("--val-fraction", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help="Data kept out of training; its loss is logged at every checkpoint.")
-def train_cmd(prediction, loss, learn_variance, unconditional, p_uncond, latent, sample_every, val_fraction,
+@click.option("--task", default="noise_predictor", show_default=True,
+              help="The training task: a registered task plugin (`toolkit plugins`) that trains a noise predictor.")
+def train_cmd(prediction, loss, learn_variance, unconditional, p_uncond, latent, sample_every, val_fraction, task,
               **kwargs) -> None:
     """Train a noise predictor with L_simple (Algorithm 1) or L_hybrid into a checkpoint directory."""
-    run_training("noise_predictor", prediction=prediction, loss=loss, learned_variance=learn_variance,
+    run_training(task, prediction=prediction, loss=loss, learned_variance=learn_variance,
                  conditional=False if unconditional else None, p_uncond=p_uncond, latent=latent_arg(latent),
                  sample_every=sample_every, holdout=val_fraction, **kwargs)
 

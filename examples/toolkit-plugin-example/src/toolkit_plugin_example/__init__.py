@@ -1,4 +1,5 @@
-"""Example toolkit plugin: the `euler` sampler and the `sigmoid` schedule, through the public API only."""
+"""Example toolkit plugin: the `euler` sampler, the `sigmoid` schedule, the `eps-l1` training task and the
+`toolkit euler-grid` command, through the public API only."""
 
 from __future__ import annotations
 
@@ -69,6 +70,48 @@ def register_schedules(register):
     register("sigmoid", sigmoid)
 
 
+@define(frozen=True)
+class L1NoiseTask:
+    """A training task: ε-prediction with the L1 loss E|ε − ε_θ(x_t, t, y)| instead of L_simple's squares
+    (`toolkit train --task eps-l1`). The toolkit's loop does everything else (EMA, checkpoints, resume...);
+    the checkpoint samples like any noise predictor's."""
+
+    name: str = field(default="eps-l1", init=False)
+    network_kind: str = field(default="model", init=False)  # its checkpoints are built again as a "model"
+    samples: bool = field(default=True, init=False)
+
+    def build(self, config, data):
+        conditional = data.y is not None and config.conditional is not False
+        return toolkit.create("model", config.model, **{**config.model_options, "sample_shape": data.sample_shape,
+                                                       "num_classes": data.num_classes if conditional else None})
+
+    def extra_noise(self, model, n, generator):
+        return {}
+
+    def loss(self, net, schedule, batch):
+        shape = (-1, *[1] * (batch.x0.ndim - 1))
+        a = schedule.alphas_cumprod.to(batch.x0.device)[batch.t].to(batch.x0.dtype).reshape(shape)
+        x_t = a.sqrt() * batch.x0 + (1 - a).sqrt() * batch.noise  # q(x_t | x_0), Ho et al. eq. 4
+        y = batch.y
+        if y is not None:  # the null label ∅ with probability p_uncond, for classifier-free guidance
+            y = torch.where(batch.drop, torch.full_like(y, batch.null_label), y)
+        return (net(x_t, batch.t, y)[:, : batch.x0.shape[1]] - batch.noise).abs().mean()
+
+    def model_options(self, model, config, data):
+        return {**config.model_options, "sample_shape": list(data.sample_shape), "num_classes": model.num_classes}
+
+    def scores(self, model, schedule, x, y):
+        return {}
+
+    def summary(self, model, x):
+        return {}
+
+
+@hookimpl
+def register_tasks(register):
+    register("eps-l1", L1NoiseTask)
+
+
 @hookimpl
 def register_commands(cli):
     """`toolkit euler-grid`: a command of this plugin, added through the same hook system as the sampler."""
@@ -89,4 +132,4 @@ def register_commands(cli):
             click.echo(f"{i:>3}  t = {t:9.3f}  sigma = {math.exp(-float(lam) / 2):10.4f}")
 
 
-__all__ = ["Euler", "sigmoid"]
+__all__ = ["Euler", "L1NoiseTask", "sigmoid"]
