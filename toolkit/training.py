@@ -157,6 +157,275 @@ def _holding_output_lock(fn):
     return wrapper
 
 
+def _check_run(config: TrainConfig, out: Path, resume: bool, overwrite: bool, device: torch.device,
+               precision: str) -> None:
+    """Everything about the options and --out that can be refused before any process group or data exists."""
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise ToolkitError(f"output folder {str(parent)!r} does not exist")
+    if precision not in PRECISIONS:
+        raise ToolkitError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ToolkitError("--precision fp16 needs --device cuda (use bf16 or fp32 on the CPU)")
+    world = distributed.world_from_env()
+    if config.batch_size % world.size:
+        raise ToolkitError(f"--batch-size {config.batch_size} (the global batch) must divide evenly over "
+                           f"{world.size} processes")
+    checkpoint.recover(out)  # a checkpoint stranded by a killed writer is put back first
+    if out.exists() and not resume and not overwrite:
+        raise ToolkitError(f"{str(out)!r} already exists; pass --resume to continue it or --overwrite")
+    if out.exists() and overwrite and not resume:  # --overwrite replaces a checkpoint, never other files
+        try:
+            checkpoint.read_config(out)
+        except CheckpointError:
+            if not (out.is_dir() and not out.is_symlink() and not any(out.iterdir())):
+                raise ToolkitError(f"{str(out)!r} is not a toolkit checkpoint: --overwrite replaces only a "
+                                   "checkpoint (or an empty folder); choose another --out") from None
+
+
+@define(frozen=True)
+class Resumed:
+    """What a checkpoint continued with --resume brings: its config (merged), state, record and step."""
+
+    config: TrainConfig
+    saved: dict[str, Any] = field(factory=dict)
+    state: dict[str, Tensor] | None = None
+    step: int = 0
+    history: list[str] = field(factory=list)
+
+
+def _resumed(config: TrainConfig, out: Path, resume: bool) -> Resumed:
+    """The checkpoint to continue (or a fresh start); any option but RESUMABLE_CHANGES must match it."""
+    if not resume:
+        return Resumed(config)
+    if not out.exists():
+        raise CheckpointError(f"cannot resume: {str(out)!r} does not exist")
+    saved = checkpoint.read_config(out)
+    old = saved.get("training", {}).get("config", {})
+    new = config.to_json()
+    if old.get("conditional") is not None and config.conditional is None:
+        new["conditional"] = old["conditional"]
+    changed = [k for k in new if k in old and k not in RESUMABLE_CHANGES and old[k] != new[k]]
+    if changed:
+        k = changed[0]
+        raise CheckpointError(f"cannot resume {str(out)!r}: it was trained with {k}={old[k]!r}, not {new[k]!r}")
+    state = checkpoint.read_tensors(out, checkpoint.TRAINING_STATE)
+    if "training" not in saved:
+        raise CheckpointError(f"cannot resume {str(out)!r}: its {checkpoint.CONFIG} has no training record")
+    return Resumed(TrainConfig(**new), saved, state, saved["training"]["step"],
+                   list(saved["training"].get("commands") or [saved["training"].get("command")]))
+
+
+class TrainLoop:
+    """One run: the task's network, its EMA and AdamW, the data; ``run`` takes the steps (warm-up, clipping,
+    precision, DDP, metrics, previews) and writes the checkpoints. What is learned is the task's alone."""
+
+    def __init__(self, config: TrainConfig, out: Path, resumed: Resumed, world, device: torch.device, *,
+                 precision: str, compile: bool, command: str | None, log: str | None) -> None:
+        self.out, self.world, self.device, self.precision, self.command = out, world, device, precision, command
+        self.start_step, self.history = resumed.step, resumed.history
+        task = self.task = create("task", config.task)
+        data = create("dataset", config.dataset, **config.dataset_options)
+        self.latent = self.pixels = None
+        if config.latent and task.network_kind == "latent":
+            raise ToolkitError("an autoencoder trains on the data itself: drop --latent")
+        if config.latent:
+            from toolkit.latent import check_pairing, encode_dataset, load_latent
+
+            self.latent = load_latent(config.latent, device)
+            if resumed.saved:  # the latents must mean what they meant: same autoencoder, never re-recorded
+                check_pairing(resumed.saved, self.latent)
+            self.pixels, data = data, encode_dataset(self.latent, data, device)  # once, kept in memory
+        self.data = data
+        self.schedule = create("schedule", config.schedule, num_timesteps=config.num_timesteps)
+        torch.manual_seed(config.seed)
+        if config.holdout > 0 and task.network_kind == "latent":
+            raise ToolkitError("--holdout applies to noise predictors, classifiers and feature networks")
+        if config.sample_every and not task.samples:
+            raise ToolkitError("--sample-every previews what a noise predictor samples; this task samples nothing")
+        model = self.model = task.build(config, data).to(device)
+        self.recorded = {"model": _recorded(task.network_kind, config.model),
+                         "schedule": _recorded("schedule", config.schedule)}  # dist:name, resolved once
+        self.conditional = optional.option(model, "num_classes") is not None
+        self.config = config = TrainConfig(**{**config.to_json(), "conditional": self.conditional})
+        self.ema = _ema(model, config.ema_decay)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        if resumed.state is not None:
+            self._load(resumed.state)
+        # the batch, its noise and x_t alone: activations need more, but a batch that cannot even hold this is refused
+        limits.fits_memory(f"--batch-size {config.batch_size}", 3 * config.batch_size * data.x[0].numel() * 4,
+                           "lower --batch-size")
+        self.x_all = data.x.to(device)
+        self.y_all = data.y.to(device) if self.conditional else None
+        self.pool, self.held = self._split(len(data))
+        self.params = sum(p.numel() for p in model.parameters())
+        from toolkit.feedback import RunLog
+
+        self.run_log = RunLog(out, self.start_step if resumed.saved else None, log) if world.main else None
+        self.scores: dict[str, Any] = {}  # the task's held-out scores at the last checkpoint
+        self.net = distributed.wrap(model, world, device)
+        if compile:
+            self.net = torch.compile(self.net)
+        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+                         if precision != "fp32" else contextlib.nullcontext())
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        self.rows = slice(world.rank * config.batch_size // world.size,
+                          (world.rank + 1) * config.batch_size // world.size)
+        self.prev_elapsed = float(resumed.saved["training"].get("elapsed_s", 0.0)) if resumed.step else 0.0
+
+    def _load(self, state: dict[str, Tensor]) -> None:
+        out, device = self.out, self.device
+        try:
+            schema.check_training_state(state, list(self.model.parameters()))
+        except ToolkitError as exc:
+            raise CheckpointError(f"cannot resume {str(out)!r}: {checkpoint.TRAINING_STATE}: {exc}") from None
+        checkpoint.load_state(self.model, {k[6:]: v for k, v in state.items() if k.startswith("model.")}, str(out))
+        checkpoint.load_state(self.ema.module, checkpoint.read_tensors(out, checkpoint.WEIGHTS), str(out))
+        self.ema.n_averaged.fill_(int(state["ema.n_averaged"]))
+        # AdamW keeps its step count on the CPU: moving it to the GPU would sync every step
+        _load_optimizer(self.opt, {k: v if k.endswith(".step") else v.to(device)
+                                   for k, v in state.items() if k.startswith("optim.")})
+
+    def _split(self, N: int) -> tuple[Tensor, Tensor]:
+        """Training indices and held-out indices (a seeded split with --holdout / --val-fraction)."""
+        pool = torch.arange(N)
+        if self.config.holdout <= 0:
+            return pool, pool[:0]
+        perm = torch.randperm(N, generator=torch.Generator().manual_seed(self.config.seed))
+        n_held = max(1, int(round(self.config.holdout * N)))
+        if n_held >= N:
+            raise ToolkitError(f"--holdout {self.config.holdout} leaves no training data")
+        return perm[n_held:].sort().values, perm[:n_held]
+
+    def lr_at(self, step: int) -> float:
+        return self.config.lr * min(1.0, (step + 1) / max(1, self.config.warmup))
+
+    def batch(self, step: int) -> Batch:
+        """This rank's part of step ``step``'s batch, drawn from the step's own generator (resume is exact)."""
+        config, device, rows = self.config, self.device, self.rows
+        g = torch.Generator().manual_seed(sample_seed(config.seed, step))
+        idx = self.pool[torch.randint(len(self.pool), (config.batch_size,), generator=g)]
+        t = torch.randint(config.num_timesteps, (config.batch_size,), generator=g)
+        noise = torch.randn((config.batch_size, *self.data.sample_shape), generator=g)
+        drop = torch.rand(config.batch_size, generator=g) < config.p_uncond
+        extra = self.task.extra_noise(self.model, config.batch_size, g)
+        idx, t, noise, drop = idx[rows].to(device), t[rows], noise[rows], drop[rows]
+        return Batch(x0=self.x_all[idx], y=self.y_all[idx] if self.conditional else None, t=t.to(device),
+                     noise=noise.to(device), drop=drop.to(device), extra={k: v[rows].to(device) for k, v in extra.items()},
+                     null_label=optional.option(self.model, "num_classes"), levels=self.data.levels, config=config)
+
+    def optimize(self, step: int) -> tuple[Tensor, Tensor]:
+        """One optimizer step: the task's loss, backward, clipping, AdamW, EMA. Returns (loss, gradient norm)."""
+        batch = self.batch(step)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(step)
+        # dropout (and any other draw of the global RNG) depends on (seed, step, rank) alone: resume is exact
+        torch.manual_seed(sample_seed(self.config.seed, (step << 16) + self.world.rank))
+        with self.autocast:
+            loss = self.task.loss(self.net, self.schedule, batch)
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.opt)
+        else:
+            loss.backward()
+        # the gradient norm before clipping (max_norm=inf: measured, not clipped), read back only when logged
+        clip = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.ema.update_parameters(self.model)
+        return loss, grad_norm
+
+    def record(self, step: int, loss_avg: float, loss: Tensor, grad_norm: Tensor, elapsed: float,
+               checkpoint_now: bool) -> None:
+        """A metrics.jsonl row (rank 0), with the task's held-out scores at a checkpoint."""
+        done = step + 1
+        row = {"step": done, "loss": loss_avg, "loss_step": float(loss.detach()), "lr": self.lr_at(step),
+               "grad_norm": float(grad_norm), "steps_per_s": (done - self.start_step) / max(elapsed, 1e-9),
+               "elapsed_s": round(self.prev_elapsed + elapsed, 3)}
+        if checkpoint_now and len(self.held):
+            held = self.held.to(self.device)
+            self.scores = self.task.scores(self.ema.module, self.schedule, self.x_all[held],
+                                           self.y_all[held] if self.conditional else None)
+            row.update(self.scores)
+        self.run_log.add(row)
+
+    def save(self, step: int, loss: float, elapsed: float) -> None:
+        """The checkpoint of step ``step``: EMA weights, training state, config.json, metrics and previews."""
+        model, ema, config, data, out = self.model, self.ema, self.config, self.data, self.out
+        for name, tensor in [*model.state_dict().items(), *(("ema." + k, v) for k, v in ema.module.state_dict().items())]:
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):  # never save a diverged model
+                raise ToolkitError(f"training diverged before step {step}: {name} is not finite; nothing was saved "
+                                   f"(the checkpoint at {str(out)!r}, if any, is as it was); lower --lr")
+        command, history = self.command, self.history
+        cfg = {
+            "kind": config.task,
+            "toolkit_version": __version__,
+            "model": {**self.recorded["model"], "options": self.task.model_options(model, config, data)},
+            "schedule": {**self.recorded["schedule"], "options": {"num_timesteps": config.num_timesteps}},
+            "data": {"dataset": config.dataset, "options": config.dataset_options, "name": data.name,
+                     "shape": list(data.sample_shape), "num_classes": data.num_classes, "levels": data.levels,
+                     "range": [-1, 1], "class_names": list(data.class_names) if data.class_names else None},
+            "training": {"step": step, "config": config.to_json(), "loss": loss, "parameters": self.params,
+                         "elapsed_s": round(elapsed, 2), "world_size": self.world.size, "precision": self.precision,
+                         "command": history[0] if history else command,
+                         "commands": [c for c in [*history, command] if c], "torch_version": torch.__version__},
+        }
+        cfg.update(self.task.summary(ema.module, self.x_all))
+        if self.latent is not None:
+            cfg["latent"] = self.latent.to_json()
+            cfg["data"].update(shape=list(self.pixels.sample_shape), levels=self.pixels.levels,
+                               latent_shape=list(data.sample_shape))
+        if len(self.held):
+            cfg["training"].update(self.scores, holdout_size=len(self.held))
+        extra = {"model." + k: v for k, v in model.state_dict().items()}
+        extra.update(_optimizer_tensors(self.opt))
+        extra["ema.n_averaged"] = ema.n_averaged.detach().clone()
+        checkpoint.write_checkpoint(out, cfg, ema.module.state_dict(), {checkpoint.TRAINING_STATE: extra},
+                                    files=self.run_log.checkpoint_files())
+
+    def run(self, progress: Callable[[int, float, float], None] | None = None) -> TrainResult:
+        """Steps start_step..config.steps-1; the loss is read back every SYNC_EVERY steps (no GPU sync per step)."""
+        from toolkit.feedback import preview_image
+
+        config, world = self.config, self.world
+        if self.start_step >= config.steps:
+            return TrainResult(self.out, self.start_step, math.nan, 0.0)
+        self.model.train()
+        loss_avg, running, t0 = math.nan, None, time.perf_counter()
+        for step in range(self.start_step, config.steps):
+            loss, grad_norm = self.optimize(step)
+            done = step + 1
+            running = loss.detach() if running is None else 0.98 * running + 0.02 * loss.detach()
+            checkpoint_now = done % config.checkpoint_every == 0 or done == config.steps
+            if done % SYNC_EVERY == 0 or checkpoint_now:
+                loss_avg = float(distributed.mean(running.float(), world))  # every rank sees a NaN together
+                if not math.isfinite(loss_avg):
+                    raise ToolkitError(f"training diverged before step {done}: loss is {loss_avg}; lower --lr")
+                elapsed = time.perf_counter() - t0
+                if progress is not None and world.main:
+                    progress(done, loss_avg, (done - self.start_step) / max(elapsed, 1e-9))
+                if world.main:
+                    self.record(step, loss_avg, loss, grad_norm, elapsed, checkpoint_now)
+            if world.main and config.sample_every and done % config.sample_every == 0:
+                self.run_log.preview(done, preview_image(self.ema.module, self.schedule, self.latent,
+                                                         optional.option(self.model, "num_classes")))
+            if checkpoint_now:
+                if world.main:
+                    self.save(done, loss_avg, self.prev_elapsed + time.perf_counter() - t0)
+                distributed.barrier(world)
+        elapsed = time.perf_counter() - t0
+        return TrainResult(self.out, config.steps, loss_avg, (config.steps - self.start_step) / max(elapsed, 1e-9))
+
+    def close(self) -> None:
+        if self.run_log is not None:
+            self.run_log.close()
+
+
 @_holding_output_lock
 def train(
     config: TrainConfig,
@@ -179,236 +448,27 @@ def train(
     take the same steps as one process with the same global batch; rank 0 writes the checkpoints.
     ``precision`` bf16/fp16 trains under autocast (fp16 with a gradient scaler; CUDA only);
     ``compile`` runs the network through torch.compile. Every checkpoint carries metrics.jsonl (a row
-    every SYNC_EVERY steps: loss, lr, gradient norm, speed; the held-out loss at checkpoints with
+    every SYNC_EVERY steps: loss, lr, gradient norm, speed; the task's held-out scores at checkpoints with
     ``holdout``) and the previews of ``sample_every``; ``log="tensorboard"`` also writes TensorBoard events
-    to ``OUT.tensorboard/`` (``toolkit.feedback``).
+    to ``OUT.tensorboard/`` (``toolkit.feedback``). What is learned is the task's (``config.task``).
     """
-    out = Path(out)
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise ToolkitError(f"output folder {str(parent)!r} does not exist")
     from toolkit import budget
 
+    out = Path(out)
     if budget.active():  # TOOLKIT_BUDGET=small: a token run of the same command
         config = attrs.evolve(config, steps=budget.steps(config.steps),
                               checkpoint_every=budget.steps(config.checkpoint_every))
     device = parse_device(device)
-    if precision not in PRECISIONS:
-        raise ToolkitError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    if precision == "fp16" and device.type != "cuda":
-        raise ToolkitError("--precision fp16 needs --device cuda (use bf16 or fp32 on the CPU)")
-    world = distributed.world_from_env()
-    if config.batch_size % world.size:
-        raise ToolkitError(f"--batch-size {config.batch_size} (the global batch) must divide evenly over "
-                           f"{world.size} processes")
-    checkpoint.recover(out)  # a checkpoint stranded by a killed writer is put back first
-    if out.exists() and not resume and not overwrite:
-        raise ToolkitError(f"{str(out)!r} already exists; pass --resume to continue it or --overwrite")
-    if out.exists() and overwrite and not resume:  # --overwrite replaces a checkpoint, never other files
-        try:
-            checkpoint.read_config(out)
-        except CheckpointError:
-            if not (out.is_dir() and not out.is_symlink() and not any(out.iterdir())):
-                raise ToolkitError(f"{str(out)!r} is not a toolkit checkpoint: --overwrite replaces only a "
-                                   "checkpoint (or an empty folder); choose another --out") from None
+    _check_run(config, out, resume, overwrite, device, precision)
     world = distributed.init(device)
     device = distributed.local_device(device, world)
     distributed.check_same({**config.to_json(), "out": str(out.resolve()), "resume": resume,
                             "overwrite": overwrite, "precision": precision}, world)
     distributed.barrier(world)  # every rank has checked --out before rank 0 writes to it
-
-    start_step = 0
-    state = None
-    history: list[str] = []
-    if resume:
-        if not out.exists():
-            raise CheckpointError(f"cannot resume: {str(out)!r} does not exist")
-        saved = checkpoint.read_config(out)
-        old = saved.get("training", {}).get("config", {})
-        new = config.to_json()
-        if old.get("conditional") is not None and config.conditional is None:
-            new["conditional"] = old["conditional"]
-        changed = [k for k in new if k in old and k not in RESUMABLE_CHANGES and old[k] != new[k]]
-        if changed:
-            k = changed[0]
-            raise CheckpointError(f"cannot resume {str(out)!r}: it was trained with {k}={old[k]!r}, not {new[k]!r}")
-        config = TrainConfig(**new)
-        state = checkpoint.read_tensors(out, checkpoint.TRAINING_STATE)
-        if "training" not in saved:
-            raise CheckpointError(f"cannot resume {str(out)!r}: its {checkpoint.CONFIG} has no training record")
-        start_step = saved["training"]["step"]
-        history = list(saved["training"].get("commands") or [saved["training"].get("command")])
-
-    task = create("task", config.task)
-    data = create("dataset", config.dataset, **config.dataset_options)
-    latent = None
-    if config.latent and task.network_kind == "latent":
-        raise ToolkitError("an autoencoder trains on the data itself: drop --latent")
-    if config.latent:
-        from toolkit.latent import encode_dataset, load_latent
-
-        latent = load_latent(config.latent, device)
-        if resume:  # the latents must mean what they meant: same autoencoder, never re-recorded
-            from toolkit.latent import check_pairing
-
-            check_pairing(saved, latent)
-        pixels = data
-        data = encode_dataset(latent, data, device)  # once, kept in memory
-    schedule = create("schedule", config.schedule, num_timesteps=config.num_timesteps)
-    torch.manual_seed(config.seed)
-    if config.holdout > 0 and task.network_kind == "latent":
-        raise ToolkitError("--holdout applies to noise predictors, classifiers and feature networks")
-    if config.sample_every and not task.samples:
-        raise ToolkitError("--sample-every previews what a noise predictor samples; this task samples nothing")
-    model = task.build(config, data).to(device)
-    recorded = {"model": _recorded(task.network_kind, config.model),
-                "schedule": _recorded("schedule", config.schedule)}  # dist:name, resolved once
-    conditional = optional.option(model, "num_classes") is not None
-    config = TrainConfig(**{**config.to_json(), "conditional": conditional})
-    ema = _ema(model, config.ema_decay)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    if state is not None:
-        try:
-            schema.check_training_state(state, list(model.parameters()))
-        except ToolkitError as exc:
-            raise CheckpointError(f"cannot resume {str(out)!r}: {checkpoint.TRAINING_STATE}: {exc}") from None
-        checkpoint.load_state(model, {k[6:]: v for k, v in state.items() if k.startswith("model.")}, str(out))
-        ema_state = checkpoint.read_tensors(out, checkpoint.WEIGHTS)
-        checkpoint.load_state(ema.module, ema_state, str(out))
-        ema.n_averaged.fill_(int(state["ema.n_averaged"]))
-        # AdamW keeps its step count on the CPU: moving it to the GPU would sync every step
-        _load_optimizer(opt, {k: v if k.endswith(".step") else v.to(device)
-                              for k, v in state.items() if k.startswith("optim.")})
-
-    # the batch, its noise and x_t alone: activations need more, but a batch that cannot even hold this is refused
-    limits.fits_memory(f"--batch-size {config.batch_size}", 3 * config.batch_size * data.x[0].numel() * 4,
-                       "lower --batch-size")
-    x_all = data.x.to(device)
-    y_all = data.y.to(device) if conditional else None
-    N = len(data)
-    pool = torch.arange(N)  # training indices; a seeded held-out split leaves them with --holdout
-    held = pool[:0]
-    if config.holdout > 0:
-        perm = torch.randperm(N, generator=torch.Generator().manual_seed(config.seed))
-        n_held = max(1, int(round(config.holdout * N)))
-        if n_held >= N:
-            raise ToolkitError(f"--holdout {config.holdout} leaves no training data")
-        held, pool = perm[:n_held], perm[n_held:].sort().values
-    params = sum(p.numel() for p in model.parameters())
-    from toolkit.feedback import RunLog, preview_image
-
-    run_log = RunLog(out, start_step if resume else None, log) if world.main else None
-    scores: dict[str, Any] = {}  # the task's held-out scores at the last checkpoint
-
-    def lr_at(step: int) -> float:
-        return config.lr * min(1.0, (step + 1) / max(1, config.warmup))
-
-    def save(step: int, loss: float, elapsed: float) -> None:
-        for name, tensor in [*model.state_dict().items(), *(("ema." + k, v) for k, v in ema.module.state_dict().items())]:
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):  # never save a diverged model
-                raise ToolkitError(f"training diverged before step {step}: {name} is not finite; nothing was saved "
-                                   f"(the checkpoint at {str(out)!r}, if any, is as it was); lower --lr")
-        options = task.model_options(model, config, data)
-        cfg = {
-            "kind": config.task,
-            "toolkit_version": __version__,
-            "model": {**recorded["model"], "options": options},
-            "schedule": {**recorded["schedule"], "options": {"num_timesteps": config.num_timesteps}},
-            "data": {"dataset": config.dataset, "options": config.dataset_options, "name": data.name,
-                     "shape": list(data.sample_shape), "num_classes": data.num_classes, "levels": data.levels,
-                     "range": [-1, 1], "class_names": list(data.class_names) if data.class_names else None},
-            "training": {"step": step, "config": config.to_json(), "loss": loss, "parameters": params,
-                         "elapsed_s": round(elapsed, 2), "world_size": world.size, "precision": precision,
-                         "command": history[0] if history else command,
-                         "commands": [c for c in [*history, command] if c], "torch_version": torch.__version__},
-        }
-        cfg.update(task.summary(ema.module, x_all))
-        if latent is not None:
-            cfg["latent"] = latent.to_json()
-            cfg["data"].update(shape=list(pixels.sample_shape), levels=pixels.levels, latent_shape=list(data.sample_shape))
-        if len(held):
-            cfg["training"].update(scores, holdout_size=len(held))
-        extra = {"model." + k: v for k, v in model.state_dict().items()}
-        extra.update(_optimizer_tensors(opt))
-        extra["ema.n_averaged"] = ema.n_averaged.detach().clone()
-        checkpoint.write_checkpoint(out, cfg, ema.module.state_dict(), {checkpoint.TRAINING_STATE: extra},
-                                    files=run_log.checkpoint_files())
-
-    net = distributed.wrap(model, world, device)
-    if compile:
-        net = torch.compile(net)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-                if precision != "fp32" else contextlib.nullcontext())
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    rows = slice(world.rank * config.batch_size // world.size, (world.rank + 1) * config.batch_size // world.size)
-    model.train()
-    loss_avg = math.nan
-    running: Tensor | None = None
-    t0 = time.perf_counter()
-    prev_elapsed = 0.0
-    if resume and start_step:
-        prev_elapsed = float(saved["training"].get("elapsed_s", 0.0))
-    step = start_step
-    if start_step >= config.steps:
-        return TrainResult(out, start_step, math.nan, 0.0)
-    for step in range(start_step, config.steps):
-        g = torch.Generator().manual_seed(sample_seed(config.seed, step))  # stateless: resumes exactly
-        idx = pool[torch.randint(len(pool), (config.batch_size,), generator=g)]
-        t = torch.randint(config.num_timesteps, (config.batch_size,), generator=g)
-        noise = torch.randn((config.batch_size, *data.sample_shape), generator=g)
-        drop = torch.rand(config.batch_size, generator=g) < config.p_uncond
-        extra = task.extra_noise(model, config.batch_size, g)
-        idx, t, noise, drop = idx[rows], t[rows], noise[rows], drop[rows]  # this rank's part of the batch
-        rows_on = idx.to(device)
-        batch = Batch(x0=x_all[rows_on], y=y_all[rows_on] if conditional else None, t=t.to(device),
-                      noise=noise.to(device), drop=drop.to(device), extra={k: v[rows].to(device) for k, v in extra.items()},
-                      null_label=optional.option(model, "num_classes"), levels=data.levels, config=config)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        # dropout (and any other draw of the global RNG) depends on (seed, step, rank) alone: resume is exact
-        torch.manual_seed(sample_seed(config.seed, (step << 16) + world.rank))
-        with autocast:
-            loss = task.loss(net, schedule, batch)
-        opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-        else:
-            loss.backward()
-        # the gradient norm before clipping (max_norm=inf: measured, not clipped), read back only when logged
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip if config.grad_clip > 0 else math.inf)
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        ema.update_parameters(model)
-        done = step + 1
-        running = loss.detach() if running is None else 0.98 * running + 0.02 * loss.detach()
-        checkpoint_now = done % config.checkpoint_every == 0 or done == config.steps
-        if done % SYNC_EVERY == 0 or checkpoint_now:  # read the loss back rarely: no GPU sync per step
-            loss_avg = float(distributed.mean(running.float(), world))  # every rank sees a NaN together
-            if not math.isfinite(loss_avg):
-                raise ToolkitError(f"training diverged before step {done}: loss is {loss_avg}; lower --lr")
-            elapsed = time.perf_counter() - t0
-            if progress is not None and world.main:
-                progress(done, loss_avg, (done - start_step) / max(elapsed, 1e-9))
-            if world.main:
-                row = {"step": done, "loss": loss_avg, "loss_step": float(loss.detach()), "lr": lr_at(step),
-                       "grad_norm": float(grad_norm), "steps_per_s": (done - start_step) / max(elapsed, 1e-9),
-                       "elapsed_s": round(prev_elapsed + elapsed, 3)}
-                if checkpoint_now and len(held):
-                    scores = task.scores(ema.module, schedule, x_all[held.to(device)],
-                                         y_all[held.to(device)] if conditional else None)
-                    row.update(scores)
-                run_log.add(row)
-        if world.main and config.sample_every and done % config.sample_every == 0:
-            run_log.preview(done, preview_image(ema.module, schedule, latent, optional.option(model, "num_classes")))
-        if checkpoint_now:
-            if world.main:
-                save(done, loss_avg, prev_elapsed + time.perf_counter() - t0)
-            distributed.barrier(world)
-    if run_log is not None:
-        run_log.close()
-    elapsed = time.perf_counter() - t0
-    return TrainResult(out, config.steps, loss_avg, (config.steps - start_step) / max(elapsed, 1e-9))
+    resumed = _resumed(config, out, resume)
+    loop = TrainLoop(resumed.config, out, resumed, world, device, precision=precision, compile=compile,
+                     command=command, log=log)
+    try:
+        return loop.run(progress)
+    finally:
+        loop.close()
