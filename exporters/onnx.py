@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from attrs import define
 from torch import Tensor, nn
 
 from toolkit import optional
@@ -249,6 +250,107 @@ def _seed_noise(b, draws: list[str], sample_shape: tuple[int, ...]) -> str:
     return b.op("Concat", *parts, axis=0)
 
 
+@define(frozen=True)
+class _StepParts:
+    """The one-step model's pieces that each layout copies: its graph, its state names, its outputs."""
+
+    graph: Any
+    keep: frozenset  # initializer names (shared by every copy)
+    state_in: tuple[str, ...]
+    step_outs: tuple[str, ...]  # x_prev, then the new state in order
+    outer: dict  # labels, scale: the graph's checked inputs
+    iterations: int
+    draws: int
+    sample_shape: tuple[int, ...]
+    makes_noise: bool  # a seed-only graph of a sampler that draws noise
+    has_noise: bool  # a graph with a noise input
+
+
+def _graph_inputs(inputs: list[str], iterations: int, draws: int, batch_dims: list[Any]) -> list:
+    from onnx import TensorProto, helper
+
+    if "seed" in inputs:
+        out = [helper.make_tensor_value_info("seed", TensorProto.INT64, []),
+               helper.make_tensor_value_info("index", TensorProto.INT64, ["batch"])]
+    else:
+        out = [helper.make_tensor_value_info("x_T", TensorProto.FLOAT, batch_dims)]
+    if "noise" in inputs:
+        out.append(helper.make_tensor_value_info("noise", TensorProto.FLOAT, [iterations * draws, *batch_dims]))
+    if "labels" in inputs:
+        out.append(helper.make_tensor_value_info("labels", TensorProto.INT64, ["batch"]))
+    if "scale" in inputs:
+        out.append(helper.make_tensor_value_info("scale", TensorProto.FLOAT, ["batch"]))
+    return out
+
+
+def _unrolled(onnx, parts: _StepParts, init_state: list[str], nodes: list) -> str:
+    """Every iteration as its own copy of the step's nodes; returns the final x."""
+    from onnx import TensorProto, helper
+
+    from toolkit.rng import OnnxBuilder
+
+    x, state, draws = "x_start", list(init_state), parts.draws
+    for k in range(parts.iterations):
+        p = f"step{k}/"
+        mapping = {**parts.outer, "x": x, "i": p + "i", **dict(zip(parts.state_in, state))}
+        nodes.append(helper.make_node("Constant", [], [p + "i"], value=helper.make_tensor(
+            p + "i_value", TensorProto.INT64, [], [k])))
+        if parts.makes_noise:  # iteration k's draws 1 + k·D + d
+            bk = OnnxBuilder(p + "noise/", nodes)
+            mapping["noise"] = _seed_noise(bk, [bk.const(1 + k * draws + d) for d in range(draws)], parts.sample_shape)
+        if parts.has_noise:
+            nodes.append(helper.make_node("Gather", ["noise_slots", p + "i"], [p + "slots"], axis=0))
+            nodes.append(helper.make_node("Gather", ["noise", p + "slots"], [p + "noise"], axis=0))
+            mapping["noise"] = p + "noise"
+        nodes += _copy_nodes(onnx, parts.graph, parts.keep, mapping, p)
+        rename = _renamer(parts.keep, mapping, p)  # the names _copy_nodes gave this copy's outputs
+        x, *state = [rename(o) for o in parts.step_outs]
+    return x
+
+
+def _loop(onnx, parts: _StepParts, init_state: list[str], nodes: list, batch_dims: list[Any]) -> str:
+    """An ONNX Loop over one copy of the step, carrying (x, *state); returns the final x."""
+    from onnx import TensorProto, helper
+
+    from toolkit.rng import OnnxBuilder
+
+    body_nodes: list = []
+    state_in, draws = parts.state_in, parts.draws
+    mapping = {**parts.outer, "x": "x_in", "i": "iter", **{s_: f"{s_}_in" for s_ in state_in}}
+    if parts.makes_noise:  # iteration i's draws 1 + i·D + d
+        bb = OnnxBuilder("noise/", body_nodes)
+        first = bb.op("Mul", "iter", bb.const(draws))
+        mapping["noise"] = _seed_noise(bb, [bb.op("Add", first, bb.const(1 + d)) for d in range(draws)],
+                                       parts.sample_shape)
+    if parts.has_noise:
+        body_nodes.append(helper.make_node("Gather", ["noise_slots", "iter"], ["slots_i"], axis=0))
+        body_nodes.append(helper.make_node("Gather", ["noise", "slots_i"], ["noise_i"], axis=0))
+        mapping["noise"] = "noise_i"
+    body_nodes += _copy_nodes(onnx, parts.graph, parts.keep, mapping, "")
+    body_nodes.append(helper.make_node("Identity", ["cond_in"], ["cond_out"]))
+    carried_out = ["x_out", *[f"{s_}_out" for s_ in state_in]]
+    rename = _renamer(parts.keep, mapping, "")
+    for src, dst in zip(parts.step_outs, carried_out):
+        body_nodes.append(helper.make_node("Identity", [rename(src)], [dst]))
+    state_info = lambda suffix: [helper.make_tensor_value_info(f"{s_}{suffix}", TensorProto.FLOAT, None)  # noqa: E731
+                                 for s_ in state_in]
+    body = helper.make_graph(
+        body_nodes, "step",
+        [helper.make_tensor_value_info("iter", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x_in", TensorProto.FLOAT, batch_dims), *state_info("_in")],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x_out", TensorProto.FLOAT, batch_dims), *state_info("_out")],
+        initializer=list(parts.graph.initializer))  # inside the body: onnxruntime optimizes (pre-packs) them only there
+    nodes.append(helper.make_node("Constant", [], ["trip_count"],
+                                  value=helper.make_tensor("S", TensorProto.INT64, [], [parts.iterations])))
+    nodes.append(helper.make_node("Constant", [], ["cond"],
+                                  value=helper.make_tensor("true", TensorProto.BOOL, [], [True])))
+    nodes.append(helper.make_node("Loop", ["trip_count", "cond", "x_start", *init_state],
+                                  ["x_loop", *[f"{s_}_final" for s_ in state_in]], body=body))
+    return "x_loop"
+
+
 def _sampler_model(step_model, iterations: int, draws: int, inputs: list[str], sample_shape: tuple[int, ...],
                    layout: str, init_model=None, decoder=None, output_shape: tuple[int, ...] | None = None,
                    num_classes: int | None = None):
@@ -264,95 +366,30 @@ def _sampler_model(step_model, iterations: int, draws: int, inputs: list[str], s
     from toolkit.rng import OnnxBuilder, onnx_normal
 
     g = step_model.graph
-    keep = {init.name for init in g.initializer}
-    step_in = [v.name for v in g.input]
-    state_in = [n for n in step_in if n.startswith("state")]
-    step_outs = [o.name for o in g.output]  # x_prev, then the new state in order
-    n_state = len(state_in)
+    keep = frozenset(init.name for init in g.initializer)
+    state_in = tuple(v.name for v in g.input if v.name.startswith("state"))
     seeded = "seed" in inputs
-    has_noise = "noise" in inputs
-    makes_noise = seeded and draws > 0
     batch_dims: list[Any] = ["batch", *sample_shape]
-    if seeded:
-        graph_inputs = [helper.make_tensor_value_info("seed", TensorProto.INT64, []),
-                        helper.make_tensor_value_info("index", TensorProto.INT64, ["batch"])]
-    else:
-        graph_inputs = [helper.make_tensor_value_info("x_T", TensorProto.FLOAT, batch_dims)]
-    if has_noise:
-        graph_inputs.append(helper.make_tensor_value_info("noise", TensorProto.FLOAT,
-                                                          [iterations * draws, *batch_dims]))
-    if "labels" in inputs:
-        graph_inputs.append(helper.make_tensor_value_info("labels", TensorProto.INT64, ["batch"]))
-    if "scale" in inputs:
-        graph_inputs.append(helper.make_tensor_value_info("scale", TensorProto.FLOAT, ["batch"]))
     nodes: list = []
     b = OnnxBuilder("in/", nodes)
     labels, scale, zeros = _input_checks(b, inputs, "index" if seeded else "x_T", num_classes)
-    outer = {"labels": labels, "scale": scale}
+    parts = _StepParts(g, keep, state_in, tuple(o.name for o in g.output), {"labels": labels, "scale": scale},
+                       iterations, draws, tuple(sample_shape), seeded and draws > 0, "noise" in inputs)
     source = onnx_normal(b, "seed", "index", b.const(0), sample_shape) if seeded else "x_T"  # draw 0 is x_T
     nodes.append(helper.make_node("Sum", [source, *zeros], ["x_start"]))  # + the checks' zeros
     initializers = list(g.initializer)
     init_state: list[str] = []
-    if n_state:
+    if state_in:
         init_nodes, init_state = _copy_graph(onnx, init_model, "init/", {"x": "x_start"}, initializers)
         nodes += init_nodes
-    if has_noise:  # iteration i reads noise slots i·D .. i·D + D - 1
+    if parts.has_noise:  # iteration i reads noise slots i·D .. i·D + D - 1
         initializers.append(helper.make_tensor("noise_slots", TensorProto.INT64, [iterations, draws],
                                                list(range(iterations * draws))))
     if layout == "unrolled":
-        x, state = "x_start", list(init_state)
-        for k in range(iterations):
-            p = f"step{k}/"
-            mapping = {**outer, "x": x, "i": p + "i", **dict(zip(state_in, state))}
-            nodes.append(helper.make_node("Constant", [], [p + "i"], value=helper.make_tensor(
-                p + "i_value", TensorProto.INT64, [], [k])))
-            if makes_noise:  # iteration k's draws 1 + k·D + d
-                bk = OnnxBuilder(p + "noise/", nodes)
-                mapping["noise"] = _seed_noise(bk, [bk.const(1 + k * draws + d) for d in range(draws)], sample_shape)
-            if has_noise:
-                nodes.append(helper.make_node("Gather", ["noise_slots", p + "i"], [p + "slots"], axis=0))
-                nodes.append(helper.make_node("Gather", ["noise", p + "slots"], [p + "noise"], axis=0))
-                mapping["noise"] = p + "noise"
-            nodes += _copy_nodes(onnx, g, keep, mapping, p)
-            rename = _renamer(keep, mapping, p)  # the names _copy_nodes gave this copy's outputs
-            x, *state = [rename(o) for o in step_outs]
-        final = x
+        final = _unrolled(onnx, parts, init_state, nodes)
     else:
-        body_nodes = []
-        mapping = {**outer, "x": "x_in", "i": "iter", **{s_: f"{s_}_in" for s_ in state_in}}
-        if makes_noise:  # iteration i's draws 1 + i·D + d
-            bb = OnnxBuilder("noise/", body_nodes)
-            first = bb.op("Mul", "iter", bb.const(draws))
-            mapping["noise"] = _seed_noise(bb, [bb.op("Add", first, bb.const(1 + d)) for d in range(draws)],
-                                           sample_shape)
-        if has_noise:
-            body_nodes.append(helper.make_node("Gather", ["noise_slots", "iter"], ["slots_i"], axis=0))
-            body_nodes.append(helper.make_node("Gather", ["noise", "slots_i"], ["noise_i"], axis=0))
-            mapping["noise"] = "noise_i"
-        body_nodes += _copy_nodes(onnx, g, keep, mapping, "")
-        body_nodes.append(helper.make_node("Identity", ["cond_in"], ["cond_out"]))
-        carried_out = ["x_out", *[f"{s_}_out" for s_ in state_in]]
-        rename = _renamer(keep, mapping, "")
-        for src, dst in zip(step_outs, carried_out):
-            body_nodes.append(helper.make_node("Identity", [rename(src)], [dst]))
-        state_info = lambda suffix: [helper.make_tensor_value_info(f"{s_}{suffix}", TensorProto.FLOAT, None)  # noqa: E731
-                                     for s_ in state_in]
-        body = helper.make_graph(
-            body_nodes, "step",
-            [helper.make_tensor_value_info("iter", TensorProto.INT64, []),
-             helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-             helper.make_tensor_value_info("x_in", TensorProto.FLOAT, batch_dims), *state_info("_in")],
-            [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-             helper.make_tensor_value_info("x_out", TensorProto.FLOAT, batch_dims), *state_info("_out")],
-            initializer=list(g.initializer))  # inside the body: onnxruntime optimizes (pre-packs) them only there
-        initializers = [t for t in initializers if t.name not in keep]
-        nodes.append(helper.make_node("Constant", [], ["trip_count"],
-                                      value=helper.make_tensor("S", TensorProto.INT64, [], [iterations])))
-        nodes.append(helper.make_node("Constant", [], ["cond"],
-                                      value=helper.make_tensor("true", TensorProto.BOOL, [], [True])))
-        nodes.append(helper.make_node("Loop", ["trip_count", "cond", "x_start", *init_state],
-                                      ["x_loop", *[f"{s_}_final" for s_ in state_in]], body=body))
-        final = "x_loop"
+        final = _loop(onnx, parts, init_state, nodes, batch_dims)
+        initializers = [t for t in initializers if t.name not in keep]  # they live in the Loop's body
     if decoder is not None:  # latent diffusion: decode the final latents inside the graph
         dec_nodes, dec_outs = _copy_graph(onnx, decoder, "decode/", {"z": final}, initializers)
         nodes += dec_nodes
@@ -361,7 +398,7 @@ def _sampler_model(step_model, iterations: int, draws: int, inputs: list[str], s
     nodes.append(helper.make_node("Constant", [], ["lo"], value=helper.make_tensor("lo_v", TensorProto.FLOAT, [], [-1.0])))
     nodes.append(helper.make_node("Constant", [], ["hi"], value=helper.make_tensor("hi_v", TensorProto.FLOAT, [], [1.0])))
     nodes.append(helper.make_node("Clip", [final, "lo", "hi"], ["x0"]))
-    graph = helper.make_graph(nodes, "sampler", graph_inputs,
+    graph = helper.make_graph(nodes, "sampler", _graph_inputs(inputs, iterations, draws, batch_dims),
                               [helper.make_tensor_value_info("x0", TensorProto.FLOAT, out_dims)],
                               initializer=initializers)
     model = helper.make_model(graph, opset_imports=list(step_model.opset_import),

@@ -293,6 +293,59 @@ def _resolve(kind: str, obj: Any, **options: Any) -> Any:
     return obj
 
 
+def _predictor(model: Any, device: torch.device) -> tuple[NoisePredictor, Schedule | None, dict[str, Any]]:
+    """The predictor, its training schedule and config: from a checkpoint (a path or a shipped name) or an object."""
+    from toolkit.checkpoint import load_checkpoint, network_kind
+
+    if model is None or isinstance(model, (str, os.PathLike)):
+        ckpt = load_checkpoint(DEFAULT_MODEL if model is None else model, device=device)
+        if network_kind(ckpt.kind) != "model":  # a noise predictor, from the built-in task or a plugin's
+            raise ToolkitError(f"checkpoint {str(ckpt.path)!r} holds a {ckpt.kind} checkpoint, not a noise predictor")
+        return ckpt.model, ckpt.schedule, ckpt.config
+    missing = missing_attributes(model, NoisePredictor)
+    if missing:
+        raise ToolkitError(f"model does not follow the NoisePredictor protocol: missing {', '.join(missing)}")
+    if isinstance(model, nn.Module):
+        model.to(device).eval()
+    return model, None, {}
+
+
+def _paired_latent(latent: Any, config: dict[str, Any], predictor: NoisePredictor, sampler: Sampler,
+                   clip_given: bool, device: torch.device) -> tuple[Any, Sampler]:
+    """The autoencoder of a latent model (the one it records, or ``latent``, checked to be that one), and the
+    sampler with x̂_0 clipping off unless the user set it."""
+    from toolkit.latent import Latent, check_pairing, load_latent
+
+    if latent is None:
+        latent_obj = load_latent(config["latent"]["autoencoder"], device)
+    else:
+        latent_obj = latent if isinstance(latent, Latent) else load_latent(latent, device)
+    if config:
+        check_pairing(config, latent_obj)
+    if tuple(latent_obj.sample_shape) != tuple(predictor.sample_shape):
+        raise ToolkitError(f"the autoencoder's latents have shape {latent_obj.sample_shape}, the model "
+                           f"samples {tuple(predictor.sample_shape)}")
+    if optional.clip_x0(sampler) and not clip_given and attrs.has(type(sampler)):
+        # latents are unit-variance, not confined to the data range [-1, 1]: clipping x̂_0 would distort them
+        sampler = attrs.evolve(sampler, clip_x0=False)
+    return latent_obj, sampler
+
+
+def _check_guidance(guidance: Guidance, predictor: NoisePredictor, latent: Any, train_schedule: Schedule) -> None:
+    """A guidance trained on another data space (LatentAware), or that says it does not fit (ChecksModel), is refused."""
+    if isinstance(guidance, LatentAware):
+
+        def space(fp: str | None) -> str:
+            return f"the latents of autoencoder {fp}" if fp else "the data"
+
+        mine = latent.fingerprint if latent is not None else None
+        if guidance.latent_fingerprint != mine:
+            raise ToolkitError(f"the {guidance.name} guidance was trained on {space(guidance.latent_fingerprint)}, "
+                               f"the model samples {space(mine)}")
+    if isinstance(guidance, ChecksModel):
+        guidance.check(predictor, train_schedule)
+
+
 def compose(
     schedule: str | Schedule | None = None,
     sampler: str | Sampler = "ddim",
@@ -316,8 +369,6 @@ def compose(
     autoencoder it was trained with; ``latent`` (an autoencoder checkpoint or a ``Latent``) pairs it
     explicitly, and must be that same autoencoder (checked by fingerprint).
     """
-    from toolkit.checkpoint import load_checkpoint
-
     device = parse_device(device)
     if num_timesteps is not None and (isinstance(num_timesteps, bool) or num_timesteps < 1):
         raise ToolkitError(f"num_timesteps must be a positive integer, got {num_timesteps!r}")
@@ -325,38 +376,10 @@ def compose(
     guidance_obj = None
     if guidance is not None:
         guidance_obj = _resolve("guidance", guidance, **(guidance_options or {}))
-    train_schedule = None
-    config: dict[str, Any] = {}
-    if model is None or isinstance(model, (str, os.PathLike)):
-        ckpt = load_checkpoint(DEFAULT_MODEL if model is None else model, device=device)
-        from toolkit.checkpoint import network_kind
-
-        if network_kind(ckpt.kind) != "model":  # a noise predictor, from the built-in task or a plugin's
-            raise ToolkitError(f"checkpoint {str(ckpt.path)!r} holds a {ckpt.kind} checkpoint, not a noise predictor")
-        predictor, train_schedule, config = ckpt.model, ckpt.schedule, ckpt.config
-    else:
-        missing = missing_attributes(model, NoisePredictor)
-        if missing:
-            raise ToolkitError(f"model does not follow the NoisePredictor protocol: missing {', '.join(missing)}")
-        predictor = model
-        if isinstance(model, nn.Module):
-            model.to(device).eval()
+    predictor, train_schedule, config = _predictor(model, device)
     latent_obj = None
     if latent is not None or config.get("latent"):
-        from toolkit.latent import Latent, check_pairing, load_latent
-
-        if latent is None:
-            latent_obj = load_latent(config["latent"]["autoencoder"], device)
-        else:
-            latent_obj = latent if isinstance(latent, Latent) else load_latent(latent, device)
-        if config:
-            check_pairing(config, latent_obj)
-        if tuple(latent_obj.sample_shape) != tuple(predictor.sample_shape):
-            raise ToolkitError(f"the autoencoder's latents have shape {latent_obj.sample_shape}, the model "
-                               f"samples {tuple(predictor.sample_shape)}")
-        if optional.clip_x0(sampler_obj) and "clip_x0" not in options and attrs.has(type(sampler_obj)):
-            # latents are unit-variance, not confined to the data range [-1, 1]: clipping x̂_0 would distort them
-            sampler_obj = attrs.evolve(sampler_obj, clip_x0=False)
+        latent_obj, sampler_obj = _paired_latent(latent, config, predictor, sampler_obj, "clip_x0" in options, device)
     if schedule is None:
         if train_schedule is None:
             raise ToolkitError("schedule is required for a model given as an object")
@@ -364,17 +387,8 @@ def compose(
     if isinstance(schedule, str):
         T = num_timesteps or (train_schedule.num_timesteps if train_schedule is not None else 1000)
         schedule = create("schedule", schedule, num_timesteps=T, **(schedule_options or {}))
-    if isinstance(guidance_obj, LatentAware):
-
-        def space(fp: str | None) -> str:
-            return f"the latents of autoencoder {fp}" if fp else "the data"
-
-        mine = latent_obj.fingerprint if latent_obj is not None else None
-        if guidance_obj.latent_fingerprint != mine:
-            raise ToolkitError(f"the {guidance_obj.name} guidance was trained on {space(guidance_obj.latent_fingerprint)}, "
-                               f"the model samples {space(mine)}")
-    if isinstance(guidance_obj, ChecksModel):
-        guidance_obj.check(predictor, train_schedule or schedule)
+    if guidance_obj is not None:
+        _check_guidance(guidance_obj, predictor, latent_obj, train_schedule or schedule)
     if steps is None:
         steps = optional.default_steps(sampler_obj) or schedule.num_timesteps
     from toolkit.sampling import sampler_plan

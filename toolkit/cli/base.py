@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from toolkit.cli.common import rank_prefix, os_error
+from toolkit.cli.common import os_error, rank_prefix
 from toolkit.errors import ToolkitError
 
 

@@ -9,7 +9,8 @@ import click
 
 from toolkit import budget
 from toolkit.cli.base import cli
-from toolkit.cli.common import parse_options, progress_bar, SEED, dataset_arg, backend_options, set_threads, sampler_and_guidance_options, float_list
+from toolkit.cli.common import (SEED, backend_options, dataset_arg, float_list, parse_options, progress_bar,
+                               sampler_and_guidance_options, set_threads)
 from toolkit.errors import ToolkitError
 
 
@@ -48,8 +49,6 @@ def evaluate_cmd(model, metric, dataset, data_options, limit, variance, samplers
                  guidance, scale, classifier, features, unconditional, n, plot, seed, batch_size, as_json, out,
                  device, backend, threads, quiet) -> None:
     """Evaluate a model: the bound in bits/dim (nll), or sample quality over samplers and steps (fid)."""
-    from attrs import asdict
-
     from toolkit import evaluate
     from toolkit.files import atomic_write
 
@@ -59,6 +58,8 @@ def evaluate_cmd(model, metric, dataset, data_options, limit, variance, samplers
         raise ToolkitError(f"--plot must be a .png file in an existing folder, got {plot!r}")
     if plot is not None and metric == "nll":
         raise ToolkitError("--plot applies to --metric fid and ode")
+    if batch_size < 1:
+        raise ToolkitError(f"--batch-size must be positive, got {batch_size}")
     ds_options = parse_options(data_options, "--data-option")
     name = None
     if dataset is not None:
@@ -68,28 +69,7 @@ def evaluate_cmd(model, metric, dataset, data_options, limit, variance, samplers
         raise ToolkitError(f"--metric {metric} runs in torch (it needs the network's outputs at every step): "
                            "--backend onnxruntime applies to --metric fid")
     if metric == "nll":
-        from toolkit.checkpoint import resolve_checkpoint
-
-        path = resolve_checkpoint(model or "digits")
-        if batch_size < 1:
-            raise ToolkitError(f"--batch-size must be positive, got {batch_size}")
-        with progress_bar(1, "nll", quiet) as bar:  # one tick per network call; length set once known
-
-            def tick(k: int) -> None:
-                if bar is not None:
-                    bar.update(k)
-
-            result = evaluate.nll(path, dataset=name, dataset_options=ds_options, limit=budget.points(limit),
-                                  batch_size=batch_size, variance=variance, seed=seed, device=device,
-                                  progress=tick, on_start=(lambda total: setattr(bar, "length", total))
-                                  if bar is not None else None)
-        payload = {"metric": "nll", "model": str(path), **result.to_json()}
-        table = [f"bound on -log p(x_0), {result.n} points, variance {result.variance}, "
-                 f"conditioning: {result.conditioning}",
-                 f"  L_T (prior)        {result.prior:10.4f} bits/dim",
-                 f"  sum L_t-1 (t>=2)   {result.diffusion:10.4f} bits/dim",
-                 f"  L_0 (decoder)      {result.decoder:10.4f} bits/dim",
-                 f"  total              {result.bits_per_dim:10.4f} ± {result.stderr:.4f} bits/dim"]
+        payload, table = _nll(model, name, ds_options, limit, batch_size, variance, seed, device, quiet)
     else:
         grid = evaluate.sampler_grid([s.strip() for s in samplers.split(",") if s.strip()],
                                      float_list(eta, "--eta"), parse_options(sampler_options, "--sampler-option"))
@@ -100,51 +80,86 @@ def evaluate_cmd(model, metric, dataset, data_options, limit, variance, samplers
             step_list.append(int(v))
         _, guidance_options = sampler_and_guidance_options((), None, None, None, guidance, scale, classifier)
         n = budget.samples(n if n is not None else (1000 if metric == "fid" else 100))
-        if batch_size < 1:
-            raise ToolkitError(f"--batch-size must be positive, got {batch_size}")
         with progress_bar(1, "sample", quiet) as bar:
             kw = dict(n=n, seed=seed, guidance=guidance, guidance_options=guidance_options,
                       conditional=not unconditional, batch_size=batch_size, device=device,
                       progress=(lambda k: bar.update(k)) if bar is not None else None,
                       on_start=(lambda total: setattr(bar, "length", total)) if bar is not None else None)
+            head = {"model": model or "digits", "guidance": guidance, **guidance_options}
             if metric == "fid":
                 report = evaluate.sample_quality(model, grid, step_list, features=features, dataset=name,
                                                  dataset_options=ds_options, backend=backend, threads=threads, **kw)
-                rows = report.rows
+                payload, table = _fid_table(report, head, plot)
             else:
-                rows = evaluate.ode_errors(model, grid, step_list, **kw)
-        if metric == "fid":
-            payload = {"metric": "fid", "model": model or "digits", "guidance": guidance, **guidance_options,
-                       **report.to_json()}
-            if plot is not None:
-                evaluate.plot_quality(report, plot)
-            engines = sorted({r.backend for r in rows})
-            table = [f"{report.dataset}: Fréchet distance in {report.features} features, n={report.n}; FD is biased "
-                     f"upward at small n: {report.n} real samples of the data set itself score "
-                     f"{report.reference_fd:.3f} here, so compare rows of the same n (n ≥ 1000 for conclusions)",
-                     f"{'sampler':<28} {'steps':>6} {'NFE':>5} {'FD':>9} {'accuracy':>9} {'entropy':>8} {'samples/s':>10}"]
-            for r in rows:
-                acc = f"{r.accuracy:.3f}" if r.accuracy is not None else "-"
-                ent = f"{r.class_entropy:.3f}" if r.class_entropy is not None else "-"
-                table.append(f"{r.label:<28} {r.steps:>6} {r.nfe:>5} {r.fd:>9.3f} {acc:>9} {ent:>8} "
-                             f"{r.samples_per_s:>10.1f}")
-            table.append(f"sampled with {' and '.join(engines)}")
-        else:
-            payload = {"metric": "ode", "model": model or "digits", "guidance": guidance, **guidance_options,
-                       "n": n, "seed": seed, "reference_nfe": evaluate.REFERENCE_NFE,
-                       "rows": [{**asdict(r), "label": r.label} for r in rows]}
-            if plot is not None:
-                evaluate.plot_quality(evaluate.QualityReport(rows, float("nan"), "-", None, "-", n, seed), plot,
-                                      metric="ode_error")
-            table = [f"distance to a {evaluate.REFERENCE_NFE}-NFE solution of the probability-flow ODE from the same "
-                     f"x_T (RMS per sample, n={n})",
-                     f"{'sampler':<28} {'steps':>6} {'NFE':>5} {'ODE error':>10} {'samples/s':>10}"]
-            for r in rows:
-                err = f"{r.ode_error:.5f}" if r.ode_error is not None else "stochastic"
-                table.append(f"{r.label:<28} {r.steps:>6} {r.nfe:>5} {err:>10} {r.samples_per_s:>10.1f}")
+                payload, table = _ode_table(evaluate.ode_errors(model, grid, step_list, **kw), head, n, seed, plot)
         if plot is not None:
             table.append(f"wrote {plot}")
     click.echo(json.dumps(payload, indent=2) if as_json else "\n".join(table))
     if out is not None:
         text = json.dumps(payload, indent=2)
         atomic_write(Path(out), lambda tmp: Path(tmp).write_text(text))
+
+
+def _nll(model, dataset, ds_options, limit, batch_size, variance, seed, device, quiet) -> tuple[dict, list[str]]:
+    """--metric nll: the bound on −log p(x_0) and its terms."""
+    from toolkit import evaluate
+    from toolkit.checkpoint import resolve_checkpoint
+
+    path = resolve_checkpoint(model or "digits")
+    with progress_bar(1, "nll", quiet) as bar:  # one tick per network call; length set once known
+
+        def tick(k: int) -> None:
+            if bar is not None:
+                bar.update(k)
+
+        result = evaluate.nll(path, dataset=dataset, dataset_options=ds_options, limit=budget.points(limit),
+                              batch_size=batch_size, variance=variance, seed=seed, device=device,
+                              progress=tick, on_start=(lambda total: setattr(bar, "length", total))
+                              if bar is not None else None)
+    payload = {"metric": "nll", "model": str(path), **result.to_json()}
+    table = [f"bound on -log p(x_0), {result.n} points, variance {result.variance}, "
+             f"conditioning: {result.conditioning}",
+             f"  L_T (prior)        {result.prior:10.4f} bits/dim",
+             f"  sum L_t-1 (t>=2)   {result.diffusion:10.4f} bits/dim",
+             f"  L_0 (decoder)      {result.decoder:10.4f} bits/dim",
+             f"  total              {result.bits_per_dim:10.4f} ± {result.stderr:.4f} bits/dim"]
+    return payload, table
+
+
+def _fid_table(report, head: dict, plot) -> tuple[dict, list[str]]:
+    """--metric fid: one row per (sampler, steps), and the engines that sampled them."""
+    from toolkit import evaluate
+
+    payload = {"metric": "fid", **head, **report.to_json()}
+    if plot is not None:
+        evaluate.plot_quality(report, plot)
+    table = [f"{report.dataset}: Fréchet distance in {report.features} features, n={report.n}; FD is biased "
+             f"upward at small n: {report.n} real samples of the data set itself score "
+             f"{report.reference_fd:.3f} here, so compare rows of the same n (n ≥ 1000 for conclusions)",
+             f"{'sampler':<28} {'steps':>6} {'NFE':>5} {'FD':>9} {'accuracy':>9} {'entropy':>8} {'samples/s':>10}"]
+    for r in report.rows:
+        acc = f"{r.accuracy:.3f}" if r.accuracy is not None else "-"
+        ent = f"{r.class_entropy:.3f}" if r.class_entropy is not None else "-"
+        table.append(f"{r.label:<28} {r.steps:>6} {r.nfe:>5} {r.fd:>9.3f} {acc:>9} {ent:>8} {r.samples_per_s:>10.1f}")
+    table.append(f"sampled with {' and '.join(sorted({r.backend for r in report.rows}))}")
+    return payload, table
+
+
+def _ode_table(rows, head: dict, n: int, seed: int, plot) -> tuple[dict, list[str]]:
+    """--metric ode: each deterministic sampler's distance to a reference solution of the same ODE."""
+    from attrs import asdict
+
+    from toolkit import evaluate
+
+    payload = {"metric": "ode", **head, "n": n, "seed": seed, "reference_nfe": evaluate.REFERENCE_NFE,
+               "rows": [{**asdict(r), "label": r.label} for r in rows]}
+    if plot is not None:
+        evaluate.plot_quality(evaluate.QualityReport(rows, float("nan"), "-", None, "-", n, seed), plot,
+                              metric="ode_error")
+    table = [f"distance to a {evaluate.REFERENCE_NFE}-NFE solution of the probability-flow ODE from the same "
+             f"x_T (RMS per sample, n={n})",
+             f"{'sampler':<28} {'steps':>6} {'NFE':>5} {'ODE error':>10} {'samples/s':>10}"]
+    for r in rows:
+        err = f"{r.ode_error:.5f}" if r.ode_error is not None else "stochastic"
+        table.append(f"{r.label:<28} {r.steps:>6} {r.nfe:>5} {err:>10} {r.samples_per_s:>10.1f}")
+    return payload, table

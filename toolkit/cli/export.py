@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from toolkit.cli.base import cli
-from toolkit.cli.common import parse_options, hold_output_lock, dataset_arg, pipeline_options, sampler_and_guidance_options
+from toolkit.cli.common import (dataset_arg, hold_output_lock, parse_options, pipeline_options,
+                               sampler_and_guidance_options)
 from toolkit.errors import ToolkitError
 
 

@@ -7,7 +7,9 @@ import click
 
 from toolkit import budget
 from toolkit.cli.base import cli
-from toolkit.cli.common import command_line, progress_bar, SEED, hold_output_lock, pipeline_options, backend_options, threads_text, set_threads, parse_classes, sampler_and_guidance_options
+from toolkit.cli.common import (SEED, backend_options, command_line, hold_output_lock, parse_classes,
+                               pipeline_options, progress_bar, sampler_and_guidance_options, set_threads,
+                               threads_text)
 from toolkit.errors import ToolkitError
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from toolkit.cli.base import cli
-from toolkit.cli.common import parse_options, command_line, progress_bar, dataset_arg, train_options
+from toolkit.cli.common import command_line, dataset_arg, parse_options, progress_bar, train_options
 
 
 def run_training(task: str, dataset, data_options, model, model_options, schedule, num_timesteps, steps,
