@@ -173,3 +173,15 @@ def test_optional_members_are_named_protocols_the_kit_checks():
 
     with pytest.raises(AssertionError, match="num_classes must be None or >= 1"):
         check_optional_members(Labelled(), "guidance")
+
+
+@pytest.mark.parametrize("task, model, options", [
+    ("noise_predictor", "unet", {"base_channels": 8, "attention_heads": 2}),
+    ("classifier", "unet-encoder", {"base_channels": 8, "attention_heads": 2}),
+    ("features", "cnn", {}),
+    ("autoencoder", "autoencoder", {"base_channels": 8}),
+])
+def test_builtin_tasks(task, model, options):
+    from toolkit.testing import check_task
+
+    check_task(task, model, options)

@@ -20,7 +20,7 @@ from toolkit.data import ArrayDataset
 from toolkit.errors import ToolkitError
 from toolkit.metrics import class_entropy, frechet_distance
 from toolkit.noise import sample_seed
-from toolkit.protocols import ModelFn, Schedule
+from toolkit.protocols import FeatureNetwork, ModelFn, Schedule
 
 VARIANCES = ("auto", "posterior", "beta", "learned")
 NOISE_CHUNK_ELEMENTS = 1 << 24  # noise drawn ahead for several timesteps, at most this many values
@@ -219,7 +219,7 @@ def feature_space(features: str | os.PathLike | None, dataset: str, sample_shape
         return FeatureSpace("raw", lambda x: x.reshape(len(x), -1))
     ckpt = load_checkpoint(features)
     net = ckpt.model
-    if ckpt.kind != "features" or not optional.has_methods(net, "features"):
+    if ckpt.kind != "features" or not isinstance(net, FeatureNetwork):
         raise ToolkitError(f"{str(ckpt.path)!r} is a {ckpt.kind} checkpoint, not a feature network "
                            f"(make one with `toolkit train-features`)")
     if tuple(net.sample_shape) != tuple(sample_shape):

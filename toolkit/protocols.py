@@ -126,6 +126,23 @@ class Guidance(Protocol):
 
 
 @runtime_checkable
+class Autoencoder(Protocol):
+    """The network of a ``latent`` plugin (latent diffusion, Rombach et al.): ``encode(x) -> z`` (the posterior
+    mean), ``decode(z) -> x``, and ``__call__(x, noise) -> (reconstruction, KL)`` for training with
+    ``kl_weight``; latents have ``latent_shape``, data ``sample_shape``."""
+
+    sample_shape: tuple[int, ...]
+    latent_shape: tuple[int, ...]
+    kl_weight: float
+
+    def encode(self, x: Tensor) -> Tensor: ...
+
+    def decode(self, z: Tensor) -> Tensor: ...
+
+    def __call__(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]: ...
+
+
+@runtime_checkable
 class Task(Protocol):
     """What one kind of training run learns; the toolkit's training loop (AdamW, warm-up, EMA, clipping,
     precision, DDP, checkpoints, exact resume) does the rest. ``name`` is the checkpoint's ``kind``;
@@ -223,9 +240,18 @@ class LatentAware(Protocol):
     latent_fingerprint: str | None
 
 
+@runtime_checkable
+class FeatureNetwork(Protocol):
+    """A classifier whose ``features(x) -> [B, D]`` (its penultimate layer) gives the space of the Fréchet
+    distance of ``toolkit evaluate --metric fid`` (the ``features`` task trains one)."""
+
+    def features(self, x: Tensor) -> Tensor: ...
+
+
 OPTIONAL_PROTOCOLS: dict[str, tuple[type, ...]] = {
     "sampler": (HasLogVariance, HasDefaultSteps, ClipsX0, Stochastic),
     "guidance": (GradientGuidance, LabelledGuidance, ChecksModel, LatentAware),
+    "classifier": (FeatureNetwork,),
 }
 
 
@@ -235,5 +261,6 @@ PROTOCOLS: dict[str, type] = {
     "guidance": Guidance,
     "model": NoisePredictor,
     "classifier": Classifier,
+    "latent": Autoencoder,
     "task": Task,
 }

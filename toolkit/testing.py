@@ -343,6 +343,11 @@ def check_optional_members(obj: Any, kind: str, *, schedule: Schedule | None = N
         elif proto is protocols.LatentAware:
             assert obj.latent_fingerprint is None or isinstance(obj.latent_fingerprint, str), \
                 f"{where}: latent_fingerprint must be None or a string"
+        elif proto is protocols.FeatureNetwork:
+            x = torch.randn(2, *shape)
+            f = obj.features(x)
+            assert isinstance(f, Tensor) and f.ndim == 2 and f.shape[0] == 2 and bool(torch.isfinite(f).all()), \
+                f"{where}: features(x) must return finite [B, D] features"
         elif proto is protocols.GradientGuidance and predictor is not None:
             x = torch.randn(2, *predictor.sample_shape)
             K = optional.guidance_classes(obj) or predictor.num_classes or 2
@@ -370,3 +375,34 @@ def check_guidance(guidance: Guidance, predictor: NoisePredictor, labels: Tensor
         single = guidance.wrap(predictor, s)(x[i:i + 1], t[i:i + 1], y[i:i + 1])
         assert torch.allclose(single, out[i:i + 1], atol=1e-5), \
             f"guidance {name!r}: a per-sample scale must equal that scale alone"
+
+
+def check_task(task_name: str, model: str, model_options: dict[str, Any] | None = None, dataset: str = "digits",
+               **config: Any) -> None:
+    """A training task conforms when the toolkit's loop trains it for a few steps, resumes it to the same
+    weights as one run, and its checkpoint loads again through its ``network_kind`` (the recorded options
+    build the network and the weights fit it)."""
+    import tempfile
+    from pathlib import Path
+
+    from toolkit.checkpoint import load_checkpoint, read_tensors
+    from toolkit.protocols import Task
+    from toolkit.registry import create
+    from toolkit.training import TrainConfig, train
+
+    task = create("task", task_name)
+    _require(task, Task, f"task {task_name!r}")
+    base = dict(task=task_name, dataset=dataset, model=model, model_options=model_options or {}, batch_size=8,
+                checkpoint_every=2, **config)
+    with tempfile.TemporaryDirectory() as tmp:
+        one, two = Path(tmp) / "one", Path(tmp) / "two"
+        train(TrainConfig(**base, steps=4), one)
+        train(TrainConfig(**base, steps=2), two)
+        train(TrainConfig(**base, steps=4), two, resume=True)
+        a, b = read_tensors(one, "model.safetensors"), read_tensors(two, "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), \
+            f"task {task_name!r}: a run resumed at step 2 must end with the weights of one run"
+        ckpt = load_checkpoint(one)
+        assert ckpt.kind == task_name, f"task {task_name!r}: the checkpoint records kind {ckpt.kind!r}"
+        rows = (one / "metrics.jsonl").read_text().splitlines()
+        assert len(rows) == 2, f"task {task_name!r}: expected a metrics row per checkpoint, got {len(rows)}"

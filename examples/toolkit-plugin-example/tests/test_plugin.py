@@ -52,3 +52,10 @@ def test_registered_through_the_entry_point():
     assert "euler" in toolkit.available("sampler") and "sigmoid" in toolkit.available("schedule")
     entry = toolkit.registry.get_registry().lookup("sampler", "euler")
     assert entry.dist == "toolkit-plugin-example"
+
+
+def test_the_task_conforms():
+    """The toolkit's loop trains it, resumes it exactly, and its checkpoint loads again."""
+    from toolkit.testing import check_task
+
+    check_task("eps-l1", "unet", {"base_channels": 8, "attention_heads": 2})
