@@ -107,7 +107,7 @@ class ClassifierGuidedPredictor(_Wrapped):
         grad = self.guidance.gradient(x_t, t, y, self.scale)
         a = self.guidance.alpha_bar(t).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
         C = x_t.shape[1]
-        eps = diffusion.eps_from_output(self.inner.prediction, a, x_t, out[:, :C]) - (1 - a).sqrt() * grad
+        eps = diffusion.eps_from_output(self.inner.prediction, a, x_t, out[:, :C]) + diffusion.eps_from_score(a, grad)
         return torch.cat([eps, out[:, C:]], dim=1) if out.shape[1] > C else eps
 
 

@@ -167,3 +167,10 @@ def test_bench_sampling_quick(tmp_path):
     assert result["overhead"][0]["us_per_step"]["ours_torch"] > 0
     faults = result["faults"]
     assert faults["torch_tuned"]["tuned"] and not faults["torch_untuned"]["tuned"]
+
+
+def test_score_is_minus_eps_over_sigma():
+    a = torch.tensor([0.9, 0.5, 0.01]).reshape(3, 1)
+    eps = torch.randn(3, 4)
+    score = -eps / (1 - a).sqrt()  # ∇ log q(x_t | x_0) = −ε/σ
+    assert torch.allclose(diffusion.eps_from_output("score", a, torch.zeros(3, 4), score), eps, atol=1e-6)

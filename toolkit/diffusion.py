@@ -77,9 +77,18 @@ def alpha_bar_fn(schedule: Schedule, device: torch.device | str = "cpu") -> Call
     return at
 
 
+def eps_from_score(a: Tensor, score: Tensor) -> Tensor:
+    """ε from a score ∇_{x_t} log p(x_t) at ᾱ_t = ``a``: ε = −√(1-ᾱ)·score (q(x_t|x_0) is Gaussian with σ² = 1-ᾱ).
+    Classifier guidance adds the classifier's s·∇ log p(y|x_t) to the score this way (Dhariwal & Nichol Alg. 2)."""
+    return -(1 - a).sqrt() * score
+
+
 def eps_from_output(prediction: str, a: Tensor, x_t: Tensor, head: Tensor) -> Tensor:
-    """ε from a network's prediction at ᾱ_t = ``a``: ε itself, v (ε = √(1-ᾱ) x_t + √ᾱ v, Salimans & Ho) or
-    x̂_0 (ε = (x_t - √ᾱ x̂_0)/√(1-ᾱ), eq. 4 inverted). What samplers and guidance call with a cached ᾱ."""
+    """ε from a network's prediction at ᾱ_t = ``a``: ε itself, v (ε = √(1-ᾱ) x_t + √ᾱ v, Salimans & Ho),
+    x̂_0 (ε = (x_t - √ᾱ x̂_0)/√(1-ᾱ), eq. 4 inverted) or the score (``eps_from_score``). The one place these
+    conversions live: the pipeline and guidance call it with a cached ᾱ; samplers see ε only."""
+    if prediction == "score":
+        return eps_from_score(a, head)
     if prediction == "v":
         return (1 - a).sqrt() * x_t + a.sqrt() * head
     if prediction == "x0":
