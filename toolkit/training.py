@@ -244,6 +244,7 @@ class TrainLoop:
         if config.sample_every and not task.samples:
             raise ToolkitError("--sample-every previews what a noise predictor samples; this task samples nothing")
         model = self.model = task.build(config, data).to(device)
+        self.model_options = task.model_options(model, config, data)  # what config.json records: fixed for the run
         self.recorded = {"model": _recorded(task.network_kind, config.model),
                          "schedule": _recorded("schedule", config.schedule)}  # dist:name, resolved once
         self.conditional = optional.option(model, "num_classes") is not None
@@ -365,7 +366,7 @@ class TrainLoop:
         cfg = {
             "kind": config.task,
             "toolkit_version": __version__,
-            "model": {**self.recorded["model"], "options": self.task.model_options(model, config, data)},
+            "model": {**self.recorded["model"], "options": self.model_options},
             "schedule": {**self.recorded["schedule"], "options": {"num_timesteps": config.num_timesteps}},
             "data": {"dataset": config.dataset, "options": config.dataset_options, "name": data.name,
                      "shape": list(data.sample_shape), "num_classes": data.num_classes, "levels": data.levels,
