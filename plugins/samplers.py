@@ -156,6 +156,18 @@ class DDIM:
                        "s_noise": sig}  # "direction pointing to x_t"
         return Plan(t=g.t[:-1], steps=g.steps, tables=tables, draws_per_step=1 if self.stochastic else 0)
 
+    def inverse_plan(self, schedule: Schedule, steps: int) -> Plan:
+        """The deterministic run backwards, data → x_T (DDIM inversion: the ODE of eq. 14 integrated forward).
+        Iteration k goes from the k-th visited time (the data itself for k = 0) up to the next, with ε_θ at
+        the point it starts from; ``step`` is the same, with x̂_0 unclipped (clipping is not invertible)."""
+        if self.stochastic:
+            raise ToolkitError("ddim with eta > 0 (or sigma=hat) is stochastic and cannot be inverted: use eta=0")
+        g = grid(schedule, steps, self.spacing)
+        t_up, a_up, s_up = (v[:-1][::-1].copy() for v in (g.t, g.alpha, g.sigma))  # the visited times, ascending
+        return Plan(t=np.concatenate([t_up[:1], t_up[:-1]]), steps=g.steps, tables={
+            "alpha": np.concatenate([[1.0], a_up[:-1]]), "sigma": np.concatenate([[0.0], s_up[:-1]]),
+            "c_x0": a_up, "c_eps": s_up, "s_noise": np.zeros_like(a_up)})
+
     def init_state(self, x_T: Tensor, plan: Plan) -> tuple[Tensor, ...]:
         return ()
 

@@ -204,6 +204,26 @@ class Pipeline:
         return torch.cat(list(self.batches(n, seed, labels, noise, scale=scale, offset=offset,
                                            batch_size=batch_size, progress=progress)))
 
+    def invert(self, x0: Any, labels: Any = None, **kw: Any) -> Tensor:
+        """x_T of images x0 by running the deterministic sampler backwards (DDIM inversion); ``sample(noise=x_T)``
+        gives the images back (``toolkit.editing.invert``)."""
+        from toolkit import editing
+
+        return editing.invert(self, x0, labels, **kw)
+
+    def edit(self, x0: Any, strength: float, seed: int = 0, labels: Any = None, **kw: Any) -> Tensor:
+        """img2img (SDEdit): noise images to level ``strength`` in (0, 1] and denoise them with this pipeline's
+        sampler and guidance, e.g. towards ``labels`` (``toolkit.editing.edit``)."""
+        from toolkit import editing
+
+        return editing.edit(self, x0, strength, seed, labels, **kw)
+
+    def interpolate(self, a: Any, b: Any, frames: int, labels: Any = None, **kw: Any) -> Tensor:
+        """``frames`` images from a to b along the spherical path between their inverted x_T."""
+        from toolkit import editing
+
+        return editing.interpolate(self, a, b, frames, labels, **kw)
+
     def save(self, path: str | os.PathLike, n: int, seed: int = 0,
              labels: int | Sequence[int] | Tensor | None = None, *, nrow: int | None = None,
              batch_size: int | None = None, progress: Callable[[int], None] | None = None, **kwargs: Any) -> Path:

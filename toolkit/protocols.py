@@ -189,6 +189,14 @@ class HasLogVariance(Protocol):
 
 
 @runtime_checkable
+class Invertible(Protocol):
+    """A deterministic sampler that can run backwards: ``inverse_plan(schedule, steps)`` is a Plan that its own
+    ``step`` (with x̂_0 unclipped) drives from the data to x_T (DDIM inversion), for editing."""
+
+    def inverse_plan(self, schedule: Schedule, steps: int) -> Any: ...
+
+
+@runtime_checkable
 class HasDefaultSteps(Protocol):
     """A sampler's number of steps when none is given (ddim 50, unipc 10); None: the schedule's T."""
 
@@ -249,7 +257,7 @@ class FeatureNetwork(Protocol):
 
 
 OPTIONAL_PROTOCOLS: dict[str, tuple[type, ...]] = {
-    "sampler": (HasLogVariance, HasDefaultSteps, ClipsX0, Stochastic),
+    "sampler": (HasLogVariance, HasDefaultSteps, ClipsX0, Stochastic, Invertible),
     "guidance": (GradientGuidance, LabelledGuidance, ChecksModel, LatentAware),
     "classifier": (FeatureNetwork,),
 }

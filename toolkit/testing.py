@@ -343,6 +343,8 @@ def check_optional_members(obj: Any, kind: str, *, schedule: Schedule | None = N
         elif proto is protocols.LatentAware:
             assert obj.latent_fingerprint is None or isinstance(obj.latent_fingerprint, str), \
                 f"{where}: latent_fingerprint must be None or a string"
+        elif proto is protocols.Invertible:
+            check_inversion(obj, schedule or _schedule(), shape)
         elif proto is protocols.FeatureNetwork:
             x = torch.randn(2, *shape)
             f = obj.features(x)
@@ -354,6 +356,29 @@ def check_optional_members(obj: Any, kind: str, *, schedule: Schedule | None = N
             g = obj.gradient(x, torch.tensor([10, 500]), torch.arange(2) % K, torch.tensor([1.0, 2.0]))
             assert isinstance(g, Tensor) and g.shape == x.shape and bool(torch.isfinite(g).all()), \
                 f"{where}: gradient must return a finite tensor of x_t's shape"
+
+
+def check_inversion(sampler: Sampler, schedule: Schedule, shape: tuple[int, ...] = (1, 4, 4), steps: int = 50,
+                    mu: float = 0.3, s: float = 0.2) -> None:
+    """An Invertible sampler run backwards then forwards with the exact ε of data N(μ, s²) gives the data back
+    (the ODE's map is a bijection; the error is the solver's), and fewer steps do no better than more."""
+    import attrs
+
+    from toolkit.protocols import ClipsX0
+    from toolkit.sampling import run_plan
+
+    name = optional.name(sampler)
+    if isinstance(sampler, ClipsX0) and attrs.has(type(sampler)):
+        sampler = attrs.evolve(sampler, clip_x0=False)
+    x0 = mu + s * torch.randn(8, *shape, generator=torch.Generator().manual_seed(0))
+    eps = gaussian_eps(mu, s, schedule)
+    errors = []
+    for n in (max(2, steps // 5), steps):
+        x_T = run_plan(sampler, eps, sampler.inverse_plan(schedule, n), x0)
+        back = run_plan(sampler, eps, sampler.plan(schedule, n), x_T)
+        errors.append(float((back - x0).abs().mean()))
+    assert errors[1] < 0.2 * s, f"sampler {name!r}: inversion then sampling misses the data by {errors[1]:.3g}"
+    assert errors[1] < errors[0], f"sampler {name!r}: inversion error does not fall with more steps ({errors})"
 
 
 def check_guidance(guidance: Guidance, predictor: NoisePredictor, labels: Tensor | None = None,

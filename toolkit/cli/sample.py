@@ -27,10 +27,16 @@ from toolkit.errors import ToolkitError
               help="Sample a graph from `toolkit export onnx` with onnxruntime (sampler, steps, guidance from it).")
 @click.option("--layout", type=click.Choice(["loop", "unrolled"]), default="loop", show_default=True,
               help="Graph layout when exporting for onnxruntime on the fly.")
+@click.option("--noise", "noise_file", default=None, type=click.Path(),
+              help="x_T to decode: a .npy [N, *sample_shape] from `toolkit invert` (N samples; torch backend).")
+@click.option("--init", "init_file", default=None, type=click.Path(),
+              help="img2img (SDEdit): images to edit, a .npy [N, C, H, W] in [-1, 1] or a PNG (torch backend).")
+@click.option("--strength", default=None, type=float,
+              help="With --init: the noise level s in (0, 1] the images are taken to before denoising [default: 0.5].")
 @click.option("--quiet", "-q", is_flag=True)
 def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_options, num_timesteps, model, latent,
                 guidance, scale, classifier, class_, n, seed, batch_size, out, device, backend, threads, onnx_file,
-                layout, quiet) -> None:
+                layout, noise_file, init_file, strength, quiet) -> None:
     """Compose a pipeline from named plugins and sample from it."""
     import toolkit
     from toolkit.distributed import world_from_env
@@ -68,6 +74,9 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
     pipe = toolkit.compose(schedule=schedule, sampler=sampler, model=model, guidance=guidance, steps=steps,
                            num_timesteps=num_timesteps, device=device, batch_size=batch_size,
                            guidance_options=guidance_options, latent=latent, **options)
+    if noise_file is not None or init_file is not None or strength is not None:
+        _compose_edit(pipe, noise_file, init_file, strength, class_, n, seed, out, backend, sharded, scale, quiet)
+        return
     labels, nrow = parse_classes(class_, n, pipe.num_classes)
     if guidance is not None and labels is None:
         raise ToolkitError(f"--guidance {guidance} needs --class (a label, a comma list or 'all')")
@@ -100,6 +109,46 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
     why = f"; {engine.reason}" if backend == "auto" else ""
     click.echo(f"wrote {out} ({n} samples, {pipe.sampler.name} {pipe.steps} steps = {pipe.nfe} network calls, "
                f"{pipe.schedule.name} schedule, {engine.label}{why})")
+
+
+def _compose_edit(pipe, noise_file, init_file, strength, class_, n, seed, out, backend, sharded, scale, quiet) -> None:
+    """compose --noise x_T.npy (decode inverted x_T) or --init images --strength s (img2img): the torch loop."""
+    from click.core import ParameterSource
+
+    from toolkit import editing
+    from toolkit.images import save_stream
+
+    if noise_file is not None and init_file is not None:
+        raise ToolkitError("--noise gives x_T, --init gives images to edit: use one of them")
+    if strength is not None and init_file is None:
+        raise ToolkitError("--strength needs --init")
+    if backend == "onnxruntime" or sharded:
+        raise ToolkitError("--noise and --init sample with the torch backend into one file: drop --backend "
+                           "onnxruntime (and a sharded --out)")
+    if noise_file is not None:
+        x = editing.load_noise(noise_file, pipe.sample_shape)
+    else:
+        x = editing.load_images(init_file, pipe.output_shape, "--init")
+        strength = editing.check_strength(0.5 if strength is None else strength)
+    given_n = click.get_current_context().get_parameter_source("n") != ParameterSource.DEFAULT
+    if given_n and n != len(x):
+        raise ToolkitError(f"-n {n} but the file holds {len(x)} samples: drop -n")
+    n = len(x)
+    labels, nrow = parse_classes(class_, n, pipe.num_classes)
+    if pipe.guidance is not None and labels is None:
+        raise ToolkitError(f"--guidance {pipe.guidance.name} needs --class (a label, a comma list or 'all')")
+    if nrow is not None:
+        raise ToolkitError("--class all takes its own number of samples: give labels (a label or a comma list)")
+    with progress_bar(n * pipe.iterations // max(1, min(n, pipe.batch_size)), "sample", quiet) as bar:
+        tick = (lambda k: bar.update(k)) if bar is not None else None
+        if noise_file is not None:
+            make = lambda: pipe.batches(n, seed, labels, noise=x, scale=scale, progress=tick)  # noqa: E731
+            what = "decoded x_T"
+        else:
+            make = lambda: editing.edit_batches(pipe, x, strength, seed, labels, scale=scale, progress=tick)  # noqa: E731
+            what = f"img2img at strength {strength:g}"
+        save_stream(out, (n, *pipe.output_shape), make)
+    click.echo(f"wrote {out} ({n} samples, {what}, {pipe.sampler.name} {pipe.steps} steps, torch)")
 
 
 def _session(path, device: str, threads: int | None = None):
