@@ -66,7 +66,7 @@ class NoisePredictorTask:
     def scores(self, model, schedule, x, y) -> dict[str, Any]:
         from toolkit.feedback import heldout_loss
 
-        return {"holdout_loss": heldout_loss(model, schedule, x, y if model.num_classes is not None else None)}
+        return {"holdout_loss": heldout_loss(model, schedule, x, y)}
 
     def summary(self, model, x) -> dict[str, Any]:
         return {}

@@ -92,22 +92,27 @@ class Engine:
         return torch.cat(list(self.batches(n, seed, labels, **kw)))
 
 
-def _session(path: Path, pipe: Pipeline, threads: int | None):
+def open_session(path: str | os.PathLike, provider: str, threads: int | None):
+    """An onnxruntime SamplerSession whose refusals (a bad file, no CUDA) are ToolkitErrors: one line in the CLI."""
     from toolkit.exporters.runtime import GraphError, SamplerSession
 
     try:
-        return SamplerSession(path, provider="cuda" if pipe.device.type == "cuda" else "cpu", threads=threads)
+        return SamplerSession(path, provider=provider, threads=threads)
     except GraphError as exc:
         raise ToolkitError(str(exc)) from exc
 
 
+def _session(path: Path, pipe: Pipeline, threads: int | None):
+    return open_session(path, "cuda" if pipe.device.type == "cuda" else "cpu", threads)
+
+
 def _verified(path: Path, pipe: Pipeline, session: Any) -> float:
     """max |torch − graph| over a few samples of seed 0, computed once per cached graph (recorded beside it)."""
-    from toolkit.exporters.onnx import _digest_file  # the cache's own digest: a new graph is checked again
     from toolkit.files import atomic_write
 
     record = path.with_suffix(".verified.json")
-    digest = _digest_file(path)
+    digest = path.with_suffix(".sha256").read_text().strip()  # checked against the file by cached_sampler_graph
+
     try:
         saved = json.loads(record.read_text())
         if saved.get("sha256") == digest:
@@ -115,9 +120,7 @@ def _verified(path: Path, pipe: Pipeline, session: Any) -> float:
     except (OSError, ValueError, KeyError, TypeError):
         pass
     K = pipe.num_classes
-    labels = list(range(VERIFY_SAMPLES)) if K is not None and pipe.guidance is not None else None
-    if labels is not None:
-        labels = [k % K for k in labels]
+    labels = [k % K for k in range(VERIFY_SAMPLES)] if K is not None and pipe.guidance is not None else None
     engines = (Engine("torch", pipe, ""), Engine("onnxruntime", pipe, "", session, path))
     a, b = (e.sample(VERIFY_SAMPLES, 0, labels) for e in engines)
     diff = float((a - b).abs().max())

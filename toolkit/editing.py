@@ -90,10 +90,6 @@ def check_strength(strength: Any) -> float:
     return float(strength)
 
 
-def _labels(pipe, n: int, labels: Any) -> Tensor | None:
-    return pipe.check_labels(n, labels)
-
-
 def _encode(pipe, x: Tensor) -> Tensor:
     """Images → the space the model samples (the autoencoder's scaled latents for a latent pipeline)."""
     if pipe.latent is None:
@@ -121,23 +117,25 @@ def invert(pipe, x0: Any, labels: Any = None, *, scale: Any = None, batch_size: 
         sampler = attrs.evolve(sampler, clip_x0=False)  # clipping x̂_0 is not invertible
     x0 = check_images(x0, pipe.output_shape, "images")
     n = x0.shape[0]
-    y = _labels(pipe, n, labels)
+    y = pipe.check_labels(n, labels)
     plan = sampler.inverse_plan(pipe.schedule, pipe.steps)
     bs = batch_size or pipe.batch_size
     out = []
     for start in range(0, n, bs):
         stop = min(n, start + bs)
         yb = y[start:stop].to(pipe.device) if y is not None else None
-        sb = _scale_slice(scale, start, stop, pipe.device)
-        out.append(run_plan(sampler, pipe.model_fn(yb, sb), plan, _encode(pipe, x0[start:stop])).cpu())
+        sb = _scale_slice(scale, start, stop)
+        out.append(run_plan(sampler, pipe.model_fn(yb, None if sb is None else sb.to(pipe.device)), plan,
+                            _encode(pipe, x0[start:stop])).cpu())
     return torch.cat(out)
 
 
-def _scale_slice(scale: Any, start: int, stop: int, device) -> Tensor | None:
+def _scale_slice(scale: Any, start: int, stop: int) -> Tensor | None:
+    """The guidance scales of samples start..stop-1: one number for all, or one per sample."""
     if scale is None:
         return None
     s = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
-    return (s[start:stop] if s.numel() > 1 else s.expand(stop - start)).to(device)
+    return s[start:stop] if s.numel() > 1 else s.expand(stop - start)
 
 
 def slerp(a: Tensor, b: Tensor, w: float) -> Tensor:
@@ -191,21 +189,16 @@ def edit_batches(pipe, x0: Any, strength: float, seed: int = 0, labels: Any = No
     n = x0.shape[0]
     t0 = short.plan.t[:1].double()
     a = diffusion.alpha_bar(short.schedule, t0, torch.zeros(1), torch.float64).reshape(())
+    y = None if labels is None else short.check_labels(n, labels)
     bs = batch_size or pipe.batch_size
     for start in range(0, n, bs):
         stop = min(n, start + bs)
         z = _encode(pipe, x0[start:stop]).cpu()
         eps = NoiseStreams(seed, range(start, stop), tuple(pipe.sample_shape)).at(0)
         x_start = (a.sqrt() * z.double() + (1 - a).sqrt() * eps.double()).float()
-        yb = None if labels is None else short.check_labels(n, labels)[start:stop]
-        sb = None if scale is None else _scale_list(scale, n)[start:stop]
-        yield from short.batches(stop - start, seed, yb, noise=x_start, scale=sb, offset=start,
-                                 batch_size=stop - start, progress=progress)
-
-
-def _scale_list(scale: Any, n: int) -> Tensor:
-    s = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
-    return s if s.numel() == n else s.expand(n)
+        yb = None if y is None else y[start:stop]
+        yield from short.batches(stop - start, seed, yb, noise=x_start, scale=_scale_slice(scale, start, stop),
+                                 offset=start, batch_size=stop - start, progress=progress)
 
 
 def edit(pipe, x0: Any, strength: float, seed: int = 0, labels: Any = None, **kw: Any) -> Tensor:

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from toolkit import diffusion, optional
 from toolkit.errors import CheckpointError, ToolkitError
 
 METRICS = "metrics.jsonl"
@@ -111,18 +110,15 @@ def heldout_loss(model: nn.Module, schedule, x0: Tensor, y: Tensor | None, batch
     g = torch.Generator().manual_seed(VAL_SEED)
     t = torch.randint(schedule.num_timesteps, (len(x0),), generator=g)
     noise = torch.randn(x0.shape, generator=g)
-    C = x0.shape[1]
-    prediction = optional.prediction(model)
+    from toolkit.losses import loss_simple
+
     total = 0.0
     was = model.training
     model.eval()
     for s in range(0, len(x0), batch_size):
         xb, tb, nb = x0[s:s + batch_size], t[s:s + batch_size].to(x0.device), noise[s:s + batch_size].to(x0.device)
-        out = model(diffusion.q_sample(schedule, xb, tb, nb), tb, None if y is None else y[s:s + batch_size])[:, :C]
-        target = {"epsilon": nb, "x0": xb}.get(prediction)
-        if target is None:
-            target = diffusion.v_target(schedule, xb, tb, nb)
-        total += float((out - target).pow(2).sum())
+        yb = None if y is None else y[s:s + batch_size]
+        total += float(loss_simple(model, schedule, xb, tb, nb, yb)) * xb.numel()  # the batch's sum
     model.train(was)
     return total / x0.numel()
 

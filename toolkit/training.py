@@ -247,7 +247,8 @@ class TrainLoop:
         self.model_options = task.model_options(model, config, data)  # what config.json records: fixed for the run
         self.recorded = {"model": _recorded(task.network_kind, config.model),
                          "schedule": _recorded("schedule", config.schedule)}  # dist:name, resolved once
-        self.conditional = optional.option(model, "num_classes") is not None
+        self.null_label = optional.option(model, "num_classes")  # K, the label ∅ (None: unconditional)
+        self.conditional = self.null_label is not None
         self.config = config = TrainConfig(**{**config.to_json(), "conditional": self.conditional})
         self.ema = _ema(model, config.ema_decay)
         self.opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -313,7 +314,7 @@ class TrainLoop:
         idx, t, noise, drop = idx[rows].to(device), t[rows], noise[rows], drop[rows]
         return Batch(x0=self.x_all[idx], y=self.y_all[idx] if self.conditional else None, t=t.to(device),
                      noise=noise.to(device), drop=drop.to(device), extra={k: v[rows].to(device) for k, v in extra.items()},
-                     null_label=optional.option(self.model, "num_classes"), levels=self.data.levels, config=config)
+                     null_label=self.null_label, levels=self.data.levels, config=config)
 
     def optimize(self, step: int) -> tuple[Tensor, Tensor]:
         """One optimizer step: the task's loss, backward, clipping, AdamW, EMA. Returns (loss, gradient norm)."""
@@ -413,8 +414,7 @@ class TrainLoop:
                 if world.main:
                     self.record(step, loss_avg, loss, grad_norm, elapsed, checkpoint_now)
             if world.main and config.sample_every and done % config.sample_every == 0:
-                self.run_log.preview(done, preview_image(self.ema.module, self.schedule, self.latent,
-                                                         optional.option(self.model, "num_classes")))
+                self.run_log.preview(done, preview_image(self.ema.module, self.schedule, self.latent, self.null_label))
             if checkpoint_now:
                 if world.main:
                     self.save(done, loss_avg, self.prev_elapsed + time.perf_counter() - t0)

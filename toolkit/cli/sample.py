@@ -139,7 +139,8 @@ def _compose_edit(pipe, noise_file, init_file, strength, class_, n, seed, out, b
         raise ToolkitError(f"--guidance {pipe.guidance.name} needs --class (a label, a comma list or 'all')")
     if nrow is not None:
         raise ToolkitError("--class all takes its own number of samples: give labels (a label or a comma list)")
-    with progress_bar(n * pipe.iterations // max(1, min(n, pipe.batch_size)), "sample", quiet) as bar:
+    runs = pipe if noise_file is not None else editing.truncated(pipe, strength)
+    with progress_bar(-(-n // pipe.batch_size) * runs.iterations, "sample", quiet) as bar:
         tick = (lambda k: bar.update(k)) if bar is not None else None
         if noise_file is not None:
             make = lambda: pipe.batches(n, seed, labels, noise=x, scale=scale, progress=tick)  # noqa: E731
@@ -152,15 +153,12 @@ def _compose_edit(pipe, noise_file, init_file, strength, class_, n, seed, out, b
 
 
 def _session(path, device: str, threads: int | None = None):
-    from toolkit.exporters.runtime import GraphError, SamplerSession
+    from toolkit.backends import open_session
 
     provider = {"cpu": "cpu", "cuda": "cuda"}.get(str(device).split(":")[0])
     if provider is None:
         raise ToolkitError(f"--device must be cpu or cuda, got {device!r}")
-    try:
-        return SamplerSession(path, provider=provider, threads=threads)
-    except GraphError as exc:
-        raise ToolkitError(str(exc)) from exc
+    return open_session(path, provider, threads)
 
 
 def _compose_onnx(path, class_, n, seed, batch_size, out, device, scale, threads) -> None:
