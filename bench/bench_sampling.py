@@ -33,6 +33,7 @@ from torch import nn
 
 import toolkit
 from toolkit.backends import select
+from toolkit.exporters.runtime import available_cores
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STEPS = 50
@@ -167,6 +168,7 @@ FAULTS = """
 import json, resource, sys, time, torch, toolkit
 from toolkit.allocator import tune_allocator
 from toolkit.backends import select
+from toolkit.exporters.runtime import available_cores
 torch.set_num_threads(1)
 tuned = tune_allocator()
 engine = select(toolkit.compose(steps={steps}), sys.argv[1], threads=1)
@@ -216,7 +218,7 @@ def compose(rounds: int, env: dict[str, str], tmp: Path) -> dict:
     best = {k: min(v) for k, v in cpu.items()}
     diff = float(np.abs(np.load(auto) - np.load(torch_)).max())
     row = {"cpu_s": best, "ratio_default_to_torch": best["default"] / best["torch"], "max_abs_diff": diff,
-           "threads": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+           "threads": available_cores()}
     print(f"compose -n 256 --steps {STEPS}: default {best['default']:.2f} s CPU, --backend torch {best['torch']:.2f} s "
           f"({row['ratio_default_to_torch']:.2f}), max difference {diff:.1e}", flush=True)
     return row

@@ -106,5 +106,7 @@ def test_the_plugin_adds_a_training_task(installed, tmp_path):
     assert [row["step"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [2, 4]
     r = toolkit("compose", "--model", run, "--steps", 3, "-n", 2, "--class", 5, "--out", tmp_path / "s.npy")
     assert r.returncode == 0, r.stderr
+    r = toolkit("export", "onnx", "--component", "predictor", "--model", run, "--out", tmp_path / "eps.onnx")
+    assert r.returncode == 0, r.stderr  # export takes every noise-predictor task's checkpoint, as compose does
     data = json.loads(toolkit("plugins", "--json").stdout)
     assert any(e["name"] == "eps-l1" and e["dist"] == "toolkit-plugin-example" for e in data["plugins"]["task"])

@@ -212,6 +212,8 @@ def test_cli_export_and_onnxruntime_backend(tmp_path):
     (["export", "onnx", "--out", "c.txt"], "--out must be a .onnx file"),
     (["export", "onnx", "--out", "missing/c.onnx"], "does not exist"),
     (["export", "onnx", "--component", "predictor", "--steps", "5", "--out", "c.onnx"], "exports the network alone"),
+    (["export", "onnx", "--component", "predictor", "--model", "digits-classifier", "--out", "c.onnx"],
+     "holds a classifier checkpoint, not a noise predictor"),
     (["compose", "--backend", "onnxruntime", "--onnx", "nope.onnx", "--out", "x.png"], "no sampler graph at"),
     (["compose", "--onnx", "nope.onnx", "--out", "x.png"], "no sampler graph at"),  # $TOOLKIT_BACKEND=torch: no matter
     (["compose", "--backend", "onnxruntime", "--onnx", "g.onnx", "--sampler", "ddpm", "--out", "x.png"],

@@ -313,10 +313,13 @@ def _resolve(kind: str, obj: Any, **options: Any) -> Any:
     return obj
 
 
-def _predictor(model: Any, device: torch.device) -> tuple[NoisePredictor, Schedule | None, dict[str, Any]]:
-    """The predictor, its training schedule and config: from a checkpoint (a path or a shipped name) or an object."""
+def load_predictor(model: Any, device: torch.device | str = "cpu"
+                   ) -> tuple[NoisePredictor, Schedule | None, dict[str, Any]]:
+    """The predictor, its training schedule and config: from a checkpoint of any noise-predictor task (a path or a
+    shipped name; None: the default model) or an object following the protocol."""
     from toolkit.checkpoint import load_checkpoint, network_kind
 
+    device = parse_device(device)
     if model is None or isinstance(model, (str, os.PathLike)):
         ckpt = load_checkpoint(DEFAULT_MODEL if model is None else model, device=device)
         if network_kind(ckpt.kind) != "model":  # a noise predictor, from the built-in task or a plugin's
@@ -396,7 +399,7 @@ def compose(
     guidance_obj = None
     if guidance is not None:
         guidance_obj = _resolve("guidance", guidance, **(guidance_options or {}))
-    predictor, train_schedule, config = _predictor(model, device)
+    predictor, train_schedule, config = load_predictor(model, device)
     latent_obj = None
     if latent is not None or config.get("latent"):
         latent_obj, sampler_obj = _paired_latent(latent, config, predictor, sampler_obj, "clip_x0" in options, device)

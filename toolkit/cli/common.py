@@ -231,6 +231,17 @@ def parse_classes(text: str | None, n: int, num_classes: int | None) -> tuple[li
     return labels, None
 
 
+def compose_pipeline(schedule, sampler, steps, eta, spacing, variance, sampler_options, num_timesteps, model, guidance,
+                     scale, classifier, **extra: Any):
+    """The Pipeline the options of ``pipeline_options`` describe (``extra``: device, batch_size, latent)."""
+    import toolkit
+
+    options, guidance_options = sampler_and_guidance_options(sampler_options, eta, spacing, variance, guidance,
+                                                             scale, classifier)
+    return toolkit.compose(schedule=schedule, sampler=sampler, model=model, guidance=guidance, steps=steps,
+                           num_timesteps=num_timesteps, guidance_options=guidance_options, **extra, **options)
+
+
 def sampler_and_guidance_options(sampler_options, eta, spacing, variance, guidance, scale,
                                  classifier) -> tuple[dict[str, Any], dict[str, Any]]:
     """The sampler's options (--sampler-option plus the named ones) and the guidance's, checked together."""

@@ -5,18 +5,8 @@ from __future__ import annotations
 import click
 
 from toolkit.cli.base import cli
-from toolkit.cli.common import hold_output_lock, parse_classes, pipeline_options, sampler_and_guidance_options
+from toolkit.cli.common import compose_pipeline, hold_output_lock, parse_classes, pipeline_options
 from toolkit.errors import ToolkitError
-
-
-def _pipeline(schedule, sampler, steps, eta, spacing, variance, sampler_options, num_timesteps, model, guidance,
-              scale, classifier, device):
-    import toolkit
-
-    options, guidance_options = sampler_and_guidance_options(sampler_options, eta, spacing, variance, guidance,
-                                                             scale, classifier)
-    return toolkit.compose(schedule=schedule, sampler=sampler, model=model, guidance=guidance, steps=steps,
-                           num_timesteps=num_timesteps, device=device, guidance_options=guidance_options, **options)
 
 
 def _label(class_, pipe) -> list[int] | None:
@@ -42,8 +32,8 @@ def invert_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_options
 
     check_output(out, (".npy",))
     hold_output_lock(out)
-    pipe = _pipeline(schedule, sampler, steps, eta, spacing, variance, sampler_options, num_timesteps, model,
-                     guidance, scale, classifier, device)
+    pipe = compose_pipeline(schedule, sampler, steps, eta, spacing, variance, sampler_options, num_timesteps, model,
+                            guidance, scale, classifier, device=device)
     x0 = editing.load_images(input_file, pipe.output_shape)
     x_T = pipe.invert(x0, _label(class_, pipe))
     write_npy(out, tuple(x_T.shape), [x_T])
@@ -66,8 +56,8 @@ def interpolate_cmd(image_a, image_b, schedule, sampler, steps, eta, spacing, va
 
     check_output(out)
     hold_output_lock(out)
-    pipe = _pipeline(schedule, sampler, steps, eta, spacing, variance, sampler_options, num_timesteps, model,
-                     guidance, scale, classifier, device)
+    pipe = compose_pipeline(schedule, sampler, steps, eta, spacing, variance, sampler_options, num_timesteps, model,
+                            guidance, scale, classifier, device=device)
     a = editing.load_images(image_a, pipe.output_shape, "image A")[:1]
     b = editing.load_images(image_b, pipe.output_shape, "image B")[:1]
     strip = pipe.interpolate(a, b, frames, _label(class_, pipe))

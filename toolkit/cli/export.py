@@ -51,12 +51,10 @@ def export_onnx_cmd(model, component, schedule, sampler, steps, eta, spacing, va
     if component == "predictor":
         if guidance is not None or options or steps is not None:
             raise ToolkitError("--component predictor exports the network alone: drop the sampler and guidance options")
-        from toolkit.checkpoint import load_checkpoint
+        from toolkit.pipeline import load_predictor
 
-        ckpt = load_checkpoint(model or "digits")
-        if ckpt.kind != "noise_predictor":
-            raise ToolkitError(f"checkpoint {str(ckpt.path)!r} holds a {ckpt.kind} checkpoint, not a noise predictor")
-        path = exporter.export_predictor(ckpt.model, out, config=ckpt.config)
+        predictor, _, config = load_predictor(model)  # any noise-predictor task's checkpoint, as compose takes
+        path = exporter.export_predictor(predictor, out, config=config)
     else:
         pipe = toolkit.compose(schedule=schedule, sampler=sampler, model=model, guidance=guidance, steps=steps,
                                num_timesteps=num_timesteps, guidance_options=guidance_options, **options)

@@ -7,9 +7,8 @@ import click
 
 from toolkit import budget
 from toolkit.cli.base import cli
-from toolkit.cli.common import (SEED, backend_options, command_line, hold_output_lock, parse_classes,
-                               pipeline_options, progress_bar, sampler_and_guidance_options, set_threads,
-                               threads_text)
+from toolkit.cli.common import (SEED, backend_options, command_line, compose_pipeline, hold_output_lock,
+                               parse_classes, pipeline_options, progress_bar, set_threads, threads_text)
 from toolkit.errors import ToolkitError
 
 
@@ -38,7 +37,6 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
                 guidance, scale, classifier, class_, n, seed, batch_size, out, device, backend, threads, onnx_file,
                 layout, noise_file, init_file, strength, quiet) -> None:
     """Compose a pipeline from named plugins and sample from it."""
-    import toolkit
     from toolkit.distributed import world_from_env
     from toolkit.images import check_output
     from toolkit.shards import is_shard_folder
@@ -69,11 +67,8 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
             raise ToolkitError(f"--onnx takes the model, sampler and guidance from the graph: drop --{given[0].replace('_', '-')}")
         _compose_onnx(onnx_file, class_, n, seed, batch_size, out, device, scale, threads)
         return
-    options, guidance_options = sampler_and_guidance_options(sampler_options, eta, spacing, variance, guidance,
-                                                             scale, classifier)
-    pipe = toolkit.compose(schedule=schedule, sampler=sampler, model=model, guidance=guidance, steps=steps,
-                           num_timesteps=num_timesteps, device=device, batch_size=batch_size,
-                           guidance_options=guidance_options, latent=latent, **options)
+    pipe = compose_pipeline(schedule, sampler, steps, eta, spacing, variance, sampler_options, num_timesteps, model,
+                            guidance, scale, classifier, device=device, batch_size=batch_size, latent=latent)
     if noise_file is not None or init_file is not None or strength is not None:
         _compose_edit(pipe, noise_file, init_file, strength, class_, n, seed, out, backend, sharded, scale, quiet)
         return
