@@ -56,7 +56,7 @@ class StepGraph(nn.Module):
     """Iteration i of a pipeline's sampling run, the sampler's own ``step``: (x, *state) → (x, *state),
     with every per-step constant read from the sampler's plan by index."""
 
-    def __init__(self, pipeline: Pipeline):
+    def __init__(self, pipeline: Pipeline, inpaint: Any = None):
         super().__init__()
         if not isinstance(pipeline.predictor, nn.Module):
             raise ToolkitError("only a torch.nn.Module predictor can be exported")
@@ -69,7 +69,8 @@ class StepGraph(nn.Module):
         sampler = pipeline.sampler
         if not is_v2(sampler):  # plugin API 1: only the standard loop can be reproduced
             check_standard_loop(sampler, pipeline.schedule, pipeline.steps, tuple(pipeline.sample_shape))
-        self.sampler = as_v2(sampler)
+        self.sampler = as_v2(sampler) if inpaint is None else inpaint
+        self.inpaint = inpaint is not None
         self.pipeline = pipeline
         self.net = pipeline.predictor  # registered, so its weights become graph initializers
         self.plan = self.sampler.plan(pipeline.schedule, pipeline.steps)
@@ -81,13 +82,15 @@ class StepGraph(nn.Module):
         self.guided = pipeline.guidance is not None
 
     def forward(self, x: Tensor, i: Tensor, noise: Tensor | None = None, labels: Tensor | None = None,
-                scale: Tensor | None = None, state: list[Tensor] | None = None) -> tuple[Tensor, ...]:
+                scale: Tensor | None = None, image: Tensor | None = None, mask: Tensor | None = None,
+                state: list[Tensor] | None = None) -> tuple[Tensor, ...]:
         p = self.pipeline
         B = x.shape[0]
         if labels is None and self.conditional:
             labels = torch.full((B,), int(p.num_classes), dtype=torch.long, device=x.device)
         model_fn = p.model_fn(labels, scale, self.time_map)
-        x, new_state = self.sampler.step(model_fn, x, tuple(state or ()), i, self.step_plan, noise)
+        sampler = self.sampler.bind(image, mask) if self.inpaint else self.sampler
+        x, new_state = sampler.step(model_fn, x, tuple(state or ()), i, self.step_plan, noise)
         return (x, *new_state)
 
 
@@ -138,7 +141,7 @@ def _to_onnx(module: nn.Module, args: tuple, names: list[str], dynamic: tuple, o
         dims = inp.type.tensor_type.shape.dim
         if inp.name == "noise" and len(dims) > 1:
             dim0 = dims[1]  # noise [draws, batch, ...]
-        if (inp.name in ("x", "labels", "scale", "y", "t", "noise") or inp.name.startswith("state")) \
+        if (inp.name in ("x", "labels", "scale", "y", "t", "noise", "image", "mask") or inp.name.startswith("state")) \
                 and dim0 is not None and not dim0.dim_param:
             raise ToolkitError(f"cannot export {what}: input {inp.name!r} lost its dynamic batch dimension")
     return model
@@ -214,11 +217,11 @@ def _same_batch(b, a: str, a_axis: int, ref: str) -> str:
     return _all(b, b.op("Equal", b.op("Shape", a, start=a_axis, end=a_axis + 1), b.op("Shape", ref, start=0, end=1)))
 
 
-def _input_checks(b, inputs: list[str], batch_ref: str, num_classes: int | None) -> tuple[str, str, list[str]]:
+def _input_checks(b, inputs: list[str], batch_ref: str, num_classes: int | None) -> tuple[dict[str, str], list[str]]:
     """In-graph checks of the inputs an app feeds (every runtime gets them, not only Python's): labels in
-    0..K and of batch length, scale finite, ≥ 0 and of batch length, noise of batch length, seed and index ≥ 0.
-    Returns the checked labels and scale (input + its checks' zeros, so every consumer runs after the checks)
-    and the zeros to add to x_T."""
+    0..K and of batch length, scale finite, ≥ 0 and of batch length, image in [-1, 1] and mask 0/1 of batch length,
+    noise of batch length, seed and index ≥ 0. Returns the checked conditioning inputs by name (input + its checks'
+    zeros, so every consumer runs after the checks) and the zeros to add to x_T."""
     labels, scale, zeros = "labels", "scale", []
     if "labels" in inputs and num_classes is not None:
         inside = b.op("And", b.op("GreaterOrEqual", "labels", b.const(0)),
@@ -233,13 +236,24 @@ def _input_checks(b, inputs: list[str], batch_ref: str, num_classes: int | None)
         scale = b.op("Add", scale, _check(b, _all(b, ok), "scale must be finite and >= 0"))
         scale = b.op("Add", scale, _check(b, _same_batch(b, "scale", 0, batch_ref),
                                            f"scale must hold one value per sample (the batch of {batch_ref})"))
+    checked = {"labels": labels, "scale": scale}
+    if "image" in inputs:  # inpainting: the known data and the 0/1 fill mask
+        ok = b.op("And", b.op("GreaterOrEqual", "image", b.const(-1.0, "float")),
+                  b.op("LessOrEqual", "image", b.const(1.0, "float")))
+        image = b.op("Add", "image", _check(b, _all(b, ok), "image values must lie in [-1, 1]"))
+        checked["image"] = b.op("Add", image, _check(b, _same_batch(b, "image", 0, batch_ref),
+                                                     f"image must hold one image per sample (the batch of {batch_ref})"))
+        binary = b.op("Or", b.op("Equal", "mask", b.const(0.0, "float")), b.op("Equal", "mask", b.const(1.0, "float")))
+        mask = b.op("Add", "mask", _check(b, _all(b, binary), "mask must be binary (1 = fill in, 0 = keep)"))
+        checked["mask"] = b.op("Add", mask, _check(b, _same_batch(b, "mask", 0, batch_ref),
+                                                   f"mask must hold one mask per sample (the batch of {batch_ref})"))
     if "noise" in inputs:
         zeros.append(_check(b, _same_batch(b, "noise", 1, batch_ref),
                             "noise must be [slots, batch, ...] with the batch of x_T"))
     for name in ("seed", "index"):
         if name in inputs:
             zeros.append(_check(b, _all(b, b.op("GreaterOrEqual", name, b.const(0))), f"{name} must be >= 0"))
-    return labels, scale, zeros
+    return checked, zeros
 
 
 def _seed_noise(b, draws: list[str], sample_shape: tuple[int, ...]) -> str:
@@ -258,7 +272,7 @@ class _StepParts:
     keep: frozenset  # initializer names (shared by every copy)
     state_in: tuple[str, ...]
     step_outs: tuple[str, ...]  # x_prev, then the new state in order
-    outer: dict  # labels, scale: the graph's checked inputs
+    outer: dict  # labels, scale (image, mask): the graph's checked inputs
     iterations: int
     draws: int
     sample_shape: tuple[int, ...]
@@ -280,6 +294,9 @@ def _graph_inputs(inputs: list[str], iterations: int, draws: int, batch_dims: li
         out.append(helper.make_tensor_value_info("labels", TensorProto.INT64, ["batch"]))
     if "scale" in inputs:
         out.append(helper.make_tensor_value_info("scale", TensorProto.FLOAT, ["batch"]))
+    for name in ("image", "mask"):
+        if name in inputs:
+            out.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, batch_dims))
     return out
 
 
@@ -372,8 +389,8 @@ def _sampler_model(step_model, iterations: int, draws: int, inputs: list[str], s
     batch_dims: list[Any] = ["batch", *sample_shape]
     nodes: list = []
     b = OnnxBuilder("in/", nodes)
-    labels, scale, zeros = _input_checks(b, inputs, "index" if seeded else "x_T", num_classes)
-    parts = _StepParts(g, keep, state_in, tuple(o.name for o in g.output), {"labels": labels, "scale": scale},
+    checked, zeros = _input_checks(b, inputs, "index" if seeded else "x_T", num_classes)
+    parts = _StepParts(g, keep, state_in, tuple(o.name for o in g.output), checked,
                        iterations, draws, tuple(sample_shape), seeded and draws > 0, "noise" in inputs)
     source = onnx_normal(b, "seed", "index", b.const(0), sample_shape) if seeded else "x_T"  # draw 0 is x_T
     nodes.append(helper.make_node("Sum", [source, *zeros], ["x_start"]))  # + the checks' zeros
@@ -426,11 +443,11 @@ def sampler_options(sampler: Any) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items() if plain(v) and k != "name"}
 
 
-def sampler_metadata(pipeline: Pipeline, layout: str, inputs: list[str]) -> dict[str, str]:
+def sampler_metadata(pipeline: Pipeline, layout: str, inputs: list[str], plan: Any = None) -> dict[str, str]:
     """What travels in the ONNX file's metadata_props: every value JSON-encoded (``"cosine"``, ``10``,
     ``null``), so any runtime reads them with one JSON parser; the same object is written to PATH.json."""
     sampler = pipeline.sampler
-    plan = pipeline.plan
+    plan = pipeline.plan if plan is None else plan
     data = pipeline.config.get("data", {})
     guidance = pipeline.guidance
     meta = {
@@ -490,7 +507,8 @@ def _save(model, path: str | os.PathLike, meta: dict[str, str]) -> Path:
 
 
 def export_sampler(pipeline: Pipeline, path: str | os.PathLike, *, layout: str = DEFAULT_LAYOUT,
-                   steps: int | None = None, noise: str = DEFAULT_NOISE) -> Path:
+                   steps: int | None = None, noise: str = DEFAULT_NOISE, task: str = "sample",
+                   resample: int | None = None, jump: int | None = None) -> Path:
     """Write the whole sampling run of ``pipeline`` (sampler, steps, guidance) as one ONNX graph, and its
     metadata as JSON beside it (PATH.json).
 
@@ -502,6 +520,9 @@ def export_sampler(pipeline: Pipeline, path: str | os.PathLike, *, layout: str =
     unconditionally); scale [B] float32 with guidance. Output: x0 [B, *shape] in [-1, 1]. The graph refuses
     labels outside 0..K, inputs of another batch size and a negative or non-finite scale.
     ``layout``: "loop" (an ONNX Loop over one step) or "unrolled".
+
+    ``task="inpaint"``: the run of ``Pipeline.inpaint`` (RePaint with ``resample`` × ``jump``), with two more
+    inputs, image [B, *shape] in [-1, 1] (the known data) and mask [B, *shape] of 0/1 (1 = fill in).
     """
     if layout not in LAYOUTS:
         raise ToolkitError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
@@ -514,7 +535,8 @@ def export_sampler(pipeline: Pipeline, path: str | os.PathLike, *, layout: str =
 
         sampler_plan(pipeline.sampler, pipeline.schedule, steps)
         pipeline = evolve(pipeline, steps=int(steps))
-    step = StepGraph(pipeline).eval()
+    wrapper = _task_sampler(pipeline, task, resample, jump)
+    step = StepGraph(pipeline, wrapper).eval()
     shape = tuple(pipeline.sample_shape)
     B, b = torch.export.Dim("batch", min=1, max=MAX_BATCH), 3
     x_ex = torch.randn(b, *shape)
@@ -525,7 +547,9 @@ def export_sampler(pipeline: Pipeline, path: str | os.PathLike, *, layout: str =
     for flag, name, value, dyn in (
             (step.draws > 0, "noise", torch.randn(max(step.draws, 1), b, *shape), {1: B}),
             (step.conditional, "labels", torch.arange(b) % max(1, pipeline.num_classes or 1), {0: B}),
-            (step.guided, "scale", torch.ones(b), {0: B})):
+            (step.guided, "scale", torch.ones(b), {0: B}),
+            (step.inpaint, "image", torch.rand(b, *shape) * 2 - 1, {0: B}),
+            (step.inpaint, "mask", (torch.rand(b, *shape) > 0.5).float(), {0: B})):
         args.append(value if flag else None)
         dynamic.append(dyn if flag else None)
         if flag:
@@ -551,7 +575,31 @@ def export_sampler(pipeline: Pipeline, path: str | os.PathLike, *, layout: str =
                            "the latent decoder")
     model = _sampler_model(step_model, step.iterations, step.draws, inputs, shape, layout, init_model, decoder,
                            pipeline.output_shape, pipeline.num_classes)
-    return _save(model, path, sampler_metadata(pipeline, layout, inputs))
+    meta = sampler_metadata(pipeline, layout, inputs, step.plan)
+    meta["task"] = json.dumps(task)
+    if wrapper is not None:
+        meta["inpaint"] = json.dumps({"resample": wrapper.resample, "jump": wrapper.jump, "mask": "1 = fill in"})
+    return _save(model, path, meta)
+
+
+TASKS = ("sample", "inpaint")
+
+
+def _task_sampler(pipeline: Pipeline, task: str, resample: int | None, jump: int | None):
+    """None for plain sampling; the Inpaint wrapper of the pipeline's sampler for ``task="inpaint"``."""
+    if task not in TASKS:
+        raise ToolkitError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
+    if task == "sample":
+        if resample is not None or jump is not None:
+            raise ToolkitError("resample and jump are options of task 'inpaint'")
+        return None
+    from toolkit import inpainting
+
+    if pipeline.latent is not None:
+        raise ToolkitError("an inpainting graph is exported for pixel-space models only: a latent pipeline inpaints "
+                           "with PyTorch (Pipeline.inpaint), which encodes the image and pastes the kept pixels back")
+    return inpainting.sampler(pipeline, inpainting.DEFAULT_RESAMPLE if resample is None else resample,
+                              inpainting.DEFAULT_JUMP if jump is None else jump)
 
 
 class DecoderGraph(nn.Module):
@@ -699,8 +747,9 @@ def sample_onnx(session, n: int, seed: int = 0, labels: Any = None, scale: Any =
 
 
 def onnx_batches(session, n: int, seed: int = 0, labels: Any = None, scale: Any = None, *, offset: int = 0,
-                 batch_size: int = 500) -> Iterator[Tensor]:
-    """The samples of :func:`sample_onnx`, one batch at a time (what ``compose -n LARGE --out x.npy`` streams)."""
+                 batch_size: int = 500, image: Any = None, mask: Any = None) -> Iterator[Tensor]:
+    """The samples of :func:`sample_onnx`, one batch at a time (what ``compose -n LARGE --out x.npy`` streams);
+    an inpainting graph's image [n, ...] and mask (one for all or one per image) are sliced with them."""
     from toolkit.exporters.runtime import GraphError
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -716,9 +765,12 @@ def onnx_batches(session, n: int, seed: int = 0, labels: Any = None, scale: Any 
             if isinstance(y, list):  # sample i takes label i mod len(labels)
                 yb = [y[i % len(y)] for i in range(start, stop)]
             scale_b = scale[start:stop] if isinstance(scale, (list, tuple)) and len(scale) == n else scale
+            known = {k: (v[start:stop] if v.ndim == len(session.sample_shape) + 1 and len(v) == n else v)
+                     for k, v in (("image", image), ("mask", mask)) if v is not None}
+            known = {k: v.numpy() if isinstance(v, Tensor) else v for k, v in known.items()}
             try:
                 x = session.sample(stop - start, seed=seed, labels=yb, scale=scale_b, offset=offset + start,
-                                   batch_size=stop - start)
+                                   batch_size=stop - start, **known)
             except GraphError as exc:
                 raise ToolkitError(str(exc)) from exc
             yield torch.from_numpy(x)

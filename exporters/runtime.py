@@ -275,8 +275,42 @@ class SamplerSession:
             raise GraphError("sampling produced NaN or infinite values")
         return out
 
+    @property
+    def inpaints(self) -> bool:
+        """A graph of ``export onnx --task inpaint``: it takes image and mask."""
+        return "image" in self.inputs
+
+    def _inpaint_inputs(self, n: int, image: Any, mask: Any) -> tuple[np.ndarray, np.ndarray] | None:
+        """image [n, *shape] in [-1, 1] (or one [*shape] for all) and a 0/1 mask [H, W], [1 or C, H, W] or one per
+        image (1 = fill in), both broadcast to [n, *shape] float32."""
+        if not self.inpaints:
+            if image is not None or mask is not None:
+                raise GraphError("this graph does not inpaint: export it with --task inpaint to give image and mask")
+            return None
+        if image is None or mask is None:
+            raise GraphError("this graph inpaints: give image (the known data) and mask (1 = fill in)")
+        shape = self.sample_shape
+        x = np.asarray(image, dtype=np.float32)
+        if tuple(x.shape) == shape:
+            x = x[None]
+        if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape or len(x) not in (1, n):
+            raise GraphError(f"image must have shape [{n}, {', '.join(map(str, shape))}], got {list(x.shape)}")
+        if not np.isfinite(x).all() or x.min() < -1 or x.max() > 1:
+            raise GraphError("image values must be finite and lie in [-1, 1]")
+        m = np.asarray(mask, dtype=np.float32)
+        while m.ndim < len(shape) + 1:
+            m = m[None]
+        if m.ndim != len(shape) + 1 or tuple(m.shape[2:]) != shape[1:] or m.shape[1] not in (1, shape[0]) \
+                or m.shape[0] not in (1, n):
+            raise GraphError(f"mask must have shape [{', '.join(map(str, shape[1:]))}] or "
+                             f"[{n}, 1 or {shape[0]}, {', '.join(map(str, shape[1:]))}], got {list(np.shape(mask))}")
+        if not np.isin(m, (0.0, 1.0)).all():
+            raise GraphError("mask must be binary (1 = fill in, 0 = keep)")
+        return (np.ascontiguousarray(np.broadcast_to(x, (n, *shape))),
+                np.ascontiguousarray(np.broadcast_to(m, (n, *shape))))
+
     def run(self, x_T: np.ndarray, noise: np.ndarray | None = None, labels: np.ndarray | None = None,
-            scale: np.ndarray | None = None) -> np.ndarray:
+            scale: np.ndarray | None = None, *, image: Any = None, mask: Any = None) -> np.ndarray:
         """One call of a graph exported with ``--noise inputs`` on prepared inputs (checked)."""
         x_T = np.ascontiguousarray(x_T, dtype=np.float32)
         noise = None if noise is None else np.ascontiguousarray(noise, dtype=np.float32)
@@ -285,9 +319,10 @@ class SamplerSession:
         feed = {"x_T": x_T}
         if noise is not None:
             feed["noise"] = noise
-        return self._run(self._conditioning(feed, n, labels, scale))
+        return self._run(self._conditioning(feed, n, labels, scale, image, mask))
 
-    def run_seed(self, seed: int, index: Sequence[int] | np.ndarray, labels: Any = None, scale: Any = None) -> np.ndarray:
+    def run_seed(self, seed: int, index: Sequence[int] | np.ndarray, labels: Any = None, scale: Any = None, *,
+                 image: Any = None, mask: Any = None) -> np.ndarray:
         """One call of a seed-only graph: samples number ``index`` of run ``seed``."""
         if not self.seeded:
             raise GraphError("this graph takes its noise as inputs (x_T, noise): use run() or sample()")
@@ -296,20 +331,26 @@ class SamplerSession:
         if index.size == 0 or index.min() < 0:
             raise GraphError("index must hold one sample number >= 0 per sample")
         return self._run(self._conditioning({"seed": np.array(seed, np.int64), "index": index}, index.size,
-                                            labels, scale))
+                                            labels, scale, image, mask))
 
-    def _conditioning(self, feed: dict[str, np.ndarray], n: int, labels: Any, scale: Any) -> dict[str, np.ndarray]:
+    def _conditioning(self, feed: dict[str, np.ndarray], n: int, labels: Any, scale: Any, image: Any = None,
+                      mask: Any = None) -> dict[str, np.ndarray]:
         y, s = self._labels(n, labels), self._scale(n, scale)
         if y is not None:
             feed["labels"] = np.ascontiguousarray(y)
         if s is not None:
             feed["scale"] = np.ascontiguousarray(s)
+        known = self._inpaint_inputs(n, image, mask)
+        if known is not None:
+            feed["image"], feed["mask"] = known
         return feed
 
     def sample(self, n: int, seed: int = 0, labels: Any = None, scale: Any = None, *, x_T: np.ndarray | None = None,
-               noise: np.ndarray | None = None, batch_size: int = 500, offset: int = 0) -> np.ndarray:
+               noise: np.ndarray | None = None, batch_size: int = 500, offset: int = 0, image: Any = None,
+               mask: Any = None) -> np.ndarray:
         """n samples [n, *output_shape] in [-1, 1], numbers offset..offset+n-1 of run ``seed`` (the same as
-        ``toolkit compose --seed``); with a ``--noise inputs`` graph, x_T (and noise) may be given instead."""
+        ``toolkit compose --seed``); with a ``--noise inputs`` graph, x_T (and noise) may be given instead.
+        An inpainting graph also takes image and mask (see ``_inpaint_inputs``)."""
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise GraphError(f"n must be a positive integer, got {n!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -320,14 +361,16 @@ class SamplerSession:
         if x_T is not None and len(x_T) != n:
             raise GraphError(f"x_T holds {len(x_T)} samples, not n={n}")
         y, s = self._labels(n, labels), self._scale(n, scale)
+        known = self._inpaint_inputs(n, image, mask)
         out = []
         for start in range(0, n, batch_size):
             stop = min(n, start + batch_size)
             yb, sb = None if y is None else y[start:stop], None if s is None else s[start:stop]
+            kb = {} if known is None else {"image": known[0][start:stop], "mask": known[1][start:stop]}
             if self.seeded:
                 if x_T is not None or noise is not None:
                     raise GraphError("this graph makes its noise from the seed: it takes no x_T or noise")
-                out.append(self.run_seed(seed, np.arange(offset + start, offset + stop), yb, sb))
+                out.append(self.run_seed(seed, np.arange(offset + start, offset + stop), yb, sb, **kb))
                 continue
             if x_T is None:
                 xb, nb = draw_noise(seed, stop - start, self.sample_shape, self.noise_slots, "noise" in self.inputs,
@@ -335,7 +378,7 @@ class SamplerSession:
             else:
                 xb = np.asarray(x_T)[start:stop]
                 nb = None if noise is None else np.asarray(noise)[:, start:stop]
-            out.append(self.run(xb, nb, yb, sb))
+            out.append(self.run(xb, nb, yb, sb, **kb))
         return np.concatenate(out)
 
 

@@ -218,6 +218,13 @@ class Pipeline:
 
         return editing.edit(self, x0, strength, seed, labels, **kw)
 
+    def inpaint(self, image: Any, mask: Any, seed: int = 0, labels: Any = None, **kw: Any) -> Tensor:
+        """Fill in images where ``mask`` is 1 (RePaint: the known region replaced between steps, with resampling
+        jumps ``resample`` × ``jump``), with this pipeline's sampler and guidance (``toolkit.inpainting.inpaint``)."""
+        from toolkit import inpainting
+
+        return inpainting.inpaint(self, image, mask, seed, labels, **kw)
+
     def interpolate(self, a: Any, b: Any, frames: int, labels: Any = None, **kw: Any) -> Tensor:
         """``frames`` images from a to b along the spherical path between their inverted x_T."""
         from toolkit import editing

@@ -26,10 +26,14 @@ def export_group() -> None:
 @click.option("--noise", "noise_mode", type=click.Choice(["seed", "inputs"]), default="seed", show_default=True,
               help="seed: inputs seed and index, the graph makes its own noise (the same samples as "
                    "`compose --seed` everywhere); inputs: the app feeds x_T (and noise).")
+@click.option("--task", type=click.Choice(["sample", "inpaint"]), default="sample", show_default=True,
+              help="sample: noise → samples; inpaint: RePaint inpainting, with inputs image and mask (1 = fill in).")
+@click.option("--resample", default=None, type=int, help="--task inpaint: runs of each block of steps (RePaint's r).")
+@click.option("--jump", default=None, type=int, help="--task inpaint: iterations per resampled block (RePaint's j).")
 @click.option("--out", required=True, type=click.Path(), help="The .onnx file to write (and its metadata as "
               "FILE.json).")
 def export_onnx_cmd(model, component, schedule, sampler, steps, eta, spacing, variance, sampler_options,
-                    num_timesteps, guidance, scale, classifier, layout, noise_mode, out) -> None:
+                    num_timesteps, guidance, scale, classifier, layout, noise_mode, task, resample, jump, out) -> None:
     """Write an ONNX graph that onnxruntime runs without torch.
 
     With --guidance cfg the scale is a graph input (one per sample); --scale is the default recorded
@@ -49,7 +53,7 @@ def export_onnx_cmd(model, component, schedule, sampler, steps, eta, spacing, va
                                                              scale, classifier)
     t0 = time.perf_counter()
     if component == "predictor":
-        if guidance is not None or options or steps is not None:
+        if guidance is not None or options or steps is not None or task != "sample":
             raise ToolkitError("--component predictor exports the network alone: drop the sampler and guidance options")
         from toolkit.pipeline import load_predictor
 
@@ -58,7 +62,8 @@ def export_onnx_cmd(model, component, schedule, sampler, steps, eta, spacing, va
     else:
         pipe = toolkit.compose(schedule=schedule, sampler=sampler, model=model, guidance=guidance, steps=steps,
                                num_timesteps=num_timesteps, guidance_options=guidance_options, **options)
-        path = exporter.export_sampler(pipe, out, layout=layout, noise=noise_mode)
+        path = exporter.export_sampler(pipe, out, layout=layout, noise=noise_mode, task=task, resample=resample,
+                                       jump=jump)
     size = Path(path).stat().st_size
     click.echo(f"wrote {path} ({size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s)")
 

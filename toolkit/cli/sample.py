@@ -10,6 +10,7 @@ from toolkit.cli.base import cli
 from toolkit.cli.common import (SEED, backend_options, command_line, compose_pipeline, hold_output_lock,
                                parse_classes, pipeline_options, progress_bar, set_threads, threads_text)
 from toolkit.errors import ToolkitError
+from toolkit.inpainting import DEFAULT_JUMP, DEFAULT_RESAMPLE
 
 
 @cli.command("compose")
@@ -32,10 +33,17 @@ from toolkit.errors import ToolkitError
               help="img2img (SDEdit): images to edit, a .npy [N, C, H, W] in [-1, 1] or a PNG (torch backend).")
 @click.option("--strength", default=None, type=float,
               help="With --init: the noise level s in (0, 1] the images are taken to before denoising [default: 0.5].")
+@click.option("--mask", default=None,
+              help="With --init: inpaint where the mask is 1 (RePaint): lower-half, upper-half, left-half, right-half, "
+                   "center, or a .npy of 0/1 or a PNG (white = fill in).")
+@click.option("--resample", default=None, type=int,
+              help=f"With --mask: runs of each block of steps (RePaint's r; 1 = no resampling) [default: {DEFAULT_RESAMPLE}].")
+@click.option("--jump", default=None, type=int,
+              help=f"With --mask: iterations per resampled block (RePaint's jump length j) [default: {DEFAULT_JUMP}].")
 @click.option("--quiet", "-q", is_flag=True)
 def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_options, num_timesteps, model, latent,
                 guidance, scale, classifier, class_, n, seed, batch_size, out, device, backend, threads, onnx_file,
-                layout, noise_file, init_file, strength, quiet) -> None:
+                layout, noise_file, init_file, strength, mask, resample, jump, quiet) -> None:
     """Compose a pipeline from named plugins and sample from it."""
     from toolkit.distributed import world_from_env
     from toolkit.images import check_output
@@ -65,10 +73,19 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
                  if ctx.get_parameter_source(p) != ParameterSource.DEFAULT]
         if given:
             raise ToolkitError(f"--onnx takes the model, sampler and guidance from the graph: drop --{given[0].replace('_', '-')}")
-        _compose_onnx(onnx_file, class_, n, seed, batch_size, out, device, scale, threads)
+        if noise_file is not None or strength is not None:
+            raise ToolkitError("--noise and --strength sample with the torch backend: drop --onnx")
+        _compose_onnx(onnx_file, class_, n, seed, batch_size, out, device, scale, threads, init_file, mask)
         return
+    if resample is not None or jump is not None:
+        if mask is None:
+            raise ToolkitError("--resample and --jump are options of inpainting: give --init and --mask")
     pipe = compose_pipeline(schedule, sampler, steps, eta, spacing, variance, sampler_options, num_timesteps, model,
                             guidance, scale, classifier, device=device, batch_size=batch_size, latent=latent)
+    if mask is not None:
+        _compose_inpaint(pipe, init_file, mask, strength, noise_file, resample, jump, class_, n, seed, out, backend,
+                         sharded, scale, quiet)
+        return
     if noise_file is not None or init_file is not None or strength is not None:
         _compose_edit(pipe, noise_file, init_file, strength, class_, n, seed, out, backend, sharded, scale, quiet)
         return
@@ -108,8 +125,6 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
 
 def _compose_edit(pipe, noise_file, init_file, strength, class_, n, seed, out, backend, sharded, scale, quiet) -> None:
     """compose --noise x_T.npy (decode inverted x_T) or --init images --strength s (img2img): the torch loop."""
-    from click.core import ParameterSource
-
     from toolkit import editing
     from toolkit.images import save_stream
 
@@ -125,10 +140,7 @@ def _compose_edit(pipe, noise_file, init_file, strength, class_, n, seed, out, b
     else:
         x = editing.load_images(init_file, pipe.output_shape, "--init")
         strength = editing.check_strength(0.5 if strength is None else strength)
-    given_n = click.get_current_context().get_parameter_source("n") != ParameterSource.DEFAULT
-    if given_n and n != len(x):
-        raise ToolkitError(f"-n {n} but the file holds {len(x)} samples: drop -n")
-    n = len(x)
+    n = _edit_count(n, x)
     labels, nrow = parse_classes(class_, n, pipe.num_classes)
     if pipe.guidance is not None and labels is None:
         raise ToolkitError(f"--guidance {pipe.guidance.name} needs --class (a label, a comma list or 'all')")
@@ -147,6 +159,48 @@ def _compose_edit(pipe, noise_file, init_file, strength, class_, n, seed, out, b
     click.echo(f"wrote {out} ({n} samples, {what}, {pipe.sampler.name} {pipe.steps} steps, torch)")
 
 
+def _edit_count(n: int, images) -> int:
+    """The number of samples of an editing run: the images'; -n, if given, must agree."""
+    from click.core import ParameterSource
+
+    given_n = click.get_current_context().get_parameter_source("n") != ParameterSource.DEFAULT
+    if given_n and n != len(images):
+        raise ToolkitError(f"-n {n} but the file holds {len(images)} samples: drop -n")
+    return len(images)
+
+
+def _compose_inpaint(pipe, init_file, mask, strength, noise_file, resample, jump, class_, n, seed, out, backend,
+                     sharded, scale, quiet) -> None:
+    """compose --init images --mask M: RePaint inpainting with the pipeline's sampler and guidance (torch)."""
+    from toolkit import editing, inpainting
+    from toolkit.images import save_stream
+
+    if init_file is None:
+        raise ToolkitError("--mask needs --init (the images to inpaint)")
+    if strength is not None or noise_file is not None:
+        raise ToolkitError("--mask inpaints from pure noise: drop --strength and --noise")
+    if backend == "onnxruntime" or sharded:
+        raise ToolkitError("--init with --mask samples with the torch backend into one file: drop --backend "
+                           "onnxruntime (export with --task inpaint and use --onnx), and a sharded --out")
+    resample = DEFAULT_RESAMPLE if resample is None else resample
+    jump = DEFAULT_JUMP if jump is None else jump
+    x = editing.load_images(init_file, pipe.output_shape, "--init")
+    n = _edit_count(n, x)
+    m = inpainting.load_mask(mask, pipe.output_shape, n)
+    labels, nrow = parse_classes(class_, n, pipe.num_classes)
+    if pipe.guidance is not None and labels is None:
+        raise ToolkitError(f"--guidance {pipe.guidance.name} needs --class (a label, a comma list or 'all')")
+    if nrow is not None:
+        raise ToolkitError("--class all takes its own number of samples: give labels (a label or a comma list)")
+    run = inpainting.sampler(pipe, resample, jump).plan(pipe.schedule, pipe.steps)
+    with progress_bar(-(-n // pipe.batch_size) * len(run), "inpaint", quiet) as bar:
+        tick = (lambda k: bar.update(k)) if bar is not None else None
+        save_stream(out, (n, *pipe.output_shape), lambda: inpainting.inpaint_batches(
+            pipe, x, m, seed, labels, scale=scale, resample=resample, jump=jump, progress=tick))
+    click.echo(f"wrote {out} ({n} samples, inpainted with resample {resample} × jump {jump}: {len(run)} iterations = "
+               f"{run.nfe} network calls, {pipe.sampler.name} {pipe.steps} steps, torch)")
+
+
 def _session(path, device: str, threads: int | None = None):
     from toolkit.backends import open_session
 
@@ -156,12 +210,24 @@ def _session(path, device: str, threads: int | None = None):
     return open_session(path, provider, threads)
 
 
-def _compose_onnx(path, class_, n, seed, batch_size, out, device, scale, threads) -> None:
-    """compose --onnx FILE: a graph from `toolkit export onnx`, sampled with onnxruntime."""
+def _compose_onnx(path, class_, n, seed, batch_size, out, device, scale, threads, init_file=None, mask=None) -> None:
+    """compose --onnx FILE: a graph from `toolkit export onnx`, sampled with onnxruntime (an inpainting graph
+    with --init and --mask)."""
     from toolkit.exporters.onnx import onnx_batches
     from toolkit.images import save_stream
 
     session = _session(path, device, threads)
+    known = {}
+    if session.inpaints:
+        if init_file is None or mask is None:
+            raise ToolkitError(f"{path} is an inpainting graph: give --init (the images) and --mask")
+        from toolkit import editing, inpainting
+
+        x = editing.load_images(init_file, session.output_shape, "--init")
+        n = _edit_count(n, x)
+        known = {"image": x, "mask": inpainting.load_mask(mask, session.output_shape, n)}
+    elif init_file is not None or mask is not None:
+        raise ToolkitError(f"{path} does not inpaint: --init and --mask need a graph from `export onnx --task inpaint`")
     labels, nrow = parse_classes(class_, n, session.num_classes)
     if session.guidance and labels is None:
         raise ToolkitError(f"the graph's {session.guidance} guidance needs --class (a label, a comma list or 'all')")
@@ -169,8 +235,10 @@ def _compose_onnx(path, class_, n, seed, batch_size, out, device, scale, threads
         raise ToolkitError("--scale needs a guided graph")
     if labels is not None and nrow is not None:
         n = len(labels)
+    if known and nrow is not None:
+        raise ToolkitError("--class all takes its own number of samples: give labels (a label or a comma list)")
     save_stream(out, (n, *session.output_shape), lambda: onnx_batches(
-        session, n, seed=seed, labels=labels, scale=scale, batch_size=batch_size), nrow=nrow)
+        session, n, seed=seed, labels=labels, scale=scale, batch_size=batch_size, **known), nrow=nrow)
     meta = session.metadata
     calls = f" = {meta['nfe']} network calls" if meta.get("nfe") else ""  # noqa: E501
     click.echo(f"wrote {out} ({n} samples, {meta['sampler']} {meta['steps']} steps{calls}, {meta['schedule']} schedule, "
