@@ -7,6 +7,7 @@ into place, so a killed run never leaves a half-written checkpoint.
 from __future__ import annotations
 
 import hashlib
+import re
 import json
 import os
 import shutil
@@ -161,13 +162,47 @@ def weights_fingerprint(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name, as the Hugging Face Hub names models
+
+
+def foreign_format(path: Path) -> Any:
+    """The format plugin that reads ``path`` (a folder that is not a toolkit checkpoint, e.g. a diffusers one), or None."""
+    cfg_file = Path(path) / CONFIG
+    if cfg_file.is_file():
+        try:
+            if json.loads(cfg_file.read_text()).get("format") == FORMAT:
+                return None
+        except (OSError, ValueError, AttributeError, UnicodeDecodeError):
+            return None
+    from toolkit.registry import available, create
+
+    for name in available("format"):
+        fmt = create("format", name)
+        if fmt.detect(Path(path)):
+            return fmt
+    return None
+
+
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    """config.json of a checkpoint directory, with clear errors for what is missing or corrupt."""
+    """config.json of a checkpoint directory, with clear errors for what is missing or corrupt; a folder a format
+    plugin reads (a diffusers UNet or pipeline) gives the config it maps to."""
     path = recover(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+        hint = ""
+        if HUB_ID.match(str(path)):
+            hint = (": it looks like a Hugging Face Hub id, and the toolkit never downloads; download the folder "
+                    "first (e.g. `huggingface-cli download " + str(path) + " --local-dir DIR`) and pass DIR")
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist{hint}")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {str(path)!r} is not a directory")
+    fmt = foreign_format(path)
+    if fmt is not None:
+        try:
+            return schema.check_config(fmt.config(path))
+        except CheckpointError:
+            raise
+        except ToolkitError as exc:
+            raise CheckpointError(f"{fmt.name} folder {str(path)!r}: {exc}") from None
     cfg_file = path / CONFIG
     if not cfg_file.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} has no {CONFIG}")
@@ -188,6 +223,10 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def read_tensors(path: str | os.PathLike, name: str = WEIGHTS, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    if name == WEIGHTS:
+        fmt = foreign_format(Path(path))
+        if fmt is not None:
+            return fmt.tensors(Path(path), device)
     file = Path(path) / name
     if not file.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} has no {name}")

@@ -23,6 +23,7 @@ HOOKS: dict[str, str] = {
     "latent": "register_latents",
     "pretrained": "register_pretrained",
     "task": "register_tasks",
+    "format": "register_formats",
 }
 COMMAND_HOOK = "register_commands"  # not a kind: it adds click commands, listed by `toolkit plugins`
 
@@ -70,6 +71,12 @@ def register_pretrained(register):
 @hookspec
 def register_tasks(register):
     """Register training tasks: factory() -> Task (what `toolkit train` learns: network and loss)."""
+
+
+@hookspec
+def register_formats(register):
+    """Readers of other checkpoint folders (e.g. diffusers'): objects with ``detect(path) -> bool``, ``config(path)``
+    (the folder's toolkit config) and ``tensors(path)`` (its weights in the toolkit model's names)."""
 
 
 @hookspec

@@ -410,6 +410,9 @@ def compose(
     latent_obj = None
     if latent is not None or config.get("latent"):
         latent_obj, sampler_obj = _paired_latent(latent, config, predictor, sampler_obj, "clip_x0" in options, device)
+    elif config.get("sampling", {}).get("clip_x0") is False and "clip_x0" not in options \
+            and optional.clip_x0(sampler_obj) and attrs.has(type(sampler_obj)):
+        sampler_obj = attrs.evolve(sampler_obj, clip_x0=False)  # e.g. a diffusers scheduler with clip_sample = false
     if schedule is None:
         if train_schedule is None:
             raise ToolkitError("schedule is required for a model given as an object")
