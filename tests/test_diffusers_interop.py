@@ -90,6 +90,8 @@ def test_every_sampler_runs_and_the_exported_graph_equals_torch(folders, tmp_pat
     for name in ("ddpm", "dpmpp-2m", "unipc", "heun", "euler-a"):
         out = toolkit.compose(model=root / "pipe", sampler=name, steps=5).sample(3, labels=[0, 1, 2])
         assert out.shape == (3, 1, 8, 8) and torch.isfinite(out).all()
+    steered = toolkit.compose(model=root / "unet", sampler="ddpm", steps=5, guidance="classifier")  # the shipped one
+    assert torch.isfinite(steered.sample(2, labels=[3, 7])).all()
     cfg = toolkit.compose(model=root / "pipe", sampler="dpmpp-2m", steps=8, guidance="cfg",
                           guidance_options={"scale": 2.0})
     path = export_sampler(cfg, tmp_path / "d.onnx")
