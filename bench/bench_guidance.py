@@ -5,7 +5,10 @@ DDPM) it draws ``per_class`` digits of every class and reports, per scale: class
 fraction an independent judge CNN, trained on clean real digits and never used for guidance, assigns
 to the requested class; overall and the worst class), diversity (mean pairwise L2 distance between
 samples of the same class, averaged over classes; real digits give the reference), Fréchet distance
-of the judge's features to the real digits, and samples/s.
+of the judge's features to the real digits, an Inception-Score-like score exp E KL(p(y|x) ‖ p(y)) from the
+judge, improved precision and recall (Kynkäänniemi et al. 2019, k = 3) in the judge's feature space, and
+samples/s. The same figures for the same number of real digits are reported as a reference (not a floor).
+A plot of IS-like score, FD, precision and recall against the scale goes to bench/results/guidance_tradeoff.png.
 
 All scales of one method run in one pipeline call with a per-sample ``scale`` and the same x_T for
 every scale, so rows differ only by scale (with --sweep batch the DDPM step noise is drawn per sample
@@ -109,7 +112,10 @@ def warm_up(method: str, args: argparse.Namespace) -> None:
 
 
 def measure(judge: Judge, x: Tensor, labels: Tensor, seconds: float) -> dict[str, Any]:
-    """Class consistency (overall, worst class), diversity, FD and speed of one block of samples."""
+    """Class consistency (overall, worst class), diversity, FD, IS-like score, precision/recall and speed."""
+    from toolkit.metrics import inception_score, precision_recall
+
+    precision, recall = precision_recall(judge.real_features, judge.features(x))
     pred = judge.predict(x)
     hit = (pred == labels).float()
     per_class = [float(hit[labels == c].mean()) for c in range(NUM_CLASSES)]
@@ -117,7 +123,8 @@ def measure(judge: Judge, x: Tensor, labels: Tensor, seconds: float) -> dict[str
     div, div_per_class = diversity(x, labels)
     return {"consistency": float(hit.mean()), "consistency_min": per_class[worst], "consistency_min_class": worst,
             "consistency_per_class": per_class, "diversity": div, "diversity_per_class": div_per_class,
-            "fd": judge.score(x, labels)["fd"], "samples_per_s": len(x) / seconds, "seconds": seconds}
+            "fd": judge.score(x, labels)["fd"], "is_like": inception_score(judge.probs(x)), "precision": precision,
+            "recall": recall, "samples_per_s": len(x) / seconds, "seconds": seconds}
 
 
 def save_rows(x: Tensor, per_class: int, path: Path) -> None:
@@ -131,18 +138,56 @@ def save_rows(x: Tensor, per_class: int, path: Path) -> None:
 def table(result: dict[str, Any]) -> str:
     """The results as markdown: a reference line, then one row per (method, scale, sampler)."""
     ref = result["reference"]
+    real = ref["real_digits"]
     lines = [
-        f"judge held-out acc {ref['judge_holdout_accuracy']:.3f} | FD floor ({ref['samples_per_scale']} real digits) "
-        f"{ref['fd_floor']:.3f} | real-digit diversity {ref['real_diversity']:.3f} | sweep {result['config']['sweep']}",
+        f"judge held-out acc {ref['judge_holdout_accuracy']:.3f} | {real['n']} real digits (a reference, not a floor): "
+        f"FD {real['fd']:.3f}, IS-like {real['is_like']:.2f}, precision {real['precision']:.2f}, recall "
+        f"{real['recall']:.2f} | real-digit diversity {ref['real_diversity']:.3f} | sweep {result['config']['sweep']}",
         "",
-        "| method | scale | sampler | steps | consistency | worst class (acc) | diversity | FD | samples/s |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| method | scale | sampler | steps | consistency | worst class (acc) | diversity | FD | IS-like | precision "
+        "| recall | samples/s |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         lines.append(f"| {r['method']} | {r['scale']:g} | {r['sampler']} | {r['steps']} | {r['consistency']:.3f} | "
                      f"{r['consistency_min_class']} ({r['consistency_min']:.2f}) | {r['diversity']:.3f} | "
-                     f"{r['fd']:.3f} | {r['samples_per_s']:.1f} |")
+                     f"{r['fd']:.3f} | {r['is_like']:.2f} | {r['precision']:.2f} | {r['recall']:.2f} | "
+                     f"{r['samples_per_s']:.1f} |")
     return "\n".join(lines)
+
+
+def plot_tradeoff(result: dict[str, Any], path: Path) -> None:
+    """IS-like score, FD, precision and recall against the scale: one column per method, DDIM and DDPM lines,
+    the real digits' figures dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = (("is_like", "IS-like score ↑"), ("fd", "FD ↓"), ("precision", "precision ↑"), ("recall", "recall ↑"))
+    methods = sorted({r["method"] for r in result["rows"]})
+    fig, axes = plt.subplots(len(metrics), len(methods), figsize=(4.2 * len(methods), 2.6 * len(metrics)),
+                             squeeze=False)
+    real = result["reference"]["real_digits"]
+    for j, method in enumerate(methods):
+        for i, (key, label) in enumerate(metrics):
+            ax = axes[i][j]
+            for sampler in ("ddim", "ddpm"):
+                rows = [r for r in result["rows"] if r["method"] == method and r["sampler"] == sampler]
+                if rows:
+                    ax.plot([r["scale"] for r in rows], [r[key] for r in rows], "o-", label=sampler)
+            ax.axhline(real[key], color="gray", ls="--", lw=1, label=f"{real['n']} real digits")
+            ax.set_ylabel(label)
+            if i == 0:
+                ax.set_title("cfg weight w" if method == "cfg" else "classifier scale s")
+            if i == len(metrics) - 1:
+                ax.set_xlabel("scale")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}", flush=True)
 
 
 def main() -> None:
@@ -192,7 +237,7 @@ def main() -> None:
         "machine": {"torch": torch.__version__, "toolkit": toolkit.__version__, "threads": torch.get_num_threads(),
                     "platform": platform.platform()},
         "reference": {"judge_holdout_accuracy": judge.holdout_accuracy, "samples_per_scale": len(labels),
-                      "fd_floor": judge.fd_floor(len(labels), args.seed), "real_diversity": real_div,
+                      "real_digits": judge.real_reference(len(labels), args.seed), "real_diversity": real_div,
                       "real_diversity_per_class": real_div_per_class},
         "rows": [],
     }
@@ -218,6 +263,7 @@ def main() -> None:
                   f"{sum(seconds):.1f}s", flush=True)
     print(table(result))
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    plot_tradeoff(result, out.with_name(out.stem + "_tradeoff.png"))
     print(f"wrote {out}")
 
 

@@ -101,6 +101,22 @@ class Judge:
         acc = (self.model.head(torch.from_numpy(feats)).argmax(1) == labels).float().mean()
         return {"fd": frechet_distance(self.real_features, feats), "accuracy": float(acc)}
 
+    @torch.no_grad()
+    def probs(self, samples: Tensor) -> np.ndarray:
+        """p(y | x) of each sample, [N, 10]."""
+        return F.softmax(self.model(samples.float()), dim=1).numpy()
+
+    def real_reference(self, n: int, seed: int = 0) -> dict[str, float]:
+        """What n real digits (a random subset, no repeats) score against all of them: FD, IS-like score, precision
+        and recall. A reference at the same n, not a floor: FD is biased at small n, and a model can land below it."""
+        from toolkit.metrics import inception_score, precision_recall
+
+        idx = torch.randperm(len(self.real), generator=torch.Generator().manual_seed(seed))[:n]
+        feats = self.real_features[idx.numpy()]
+        precision, recall = precision_recall(self.real_features, feats)
+        return {"n": n, "fd": frechet_distance(self.real_features, feats),
+                "is_like": inception_score(self.probs(self.real[idx])), "precision": precision, "recall": recall}
+
     def fd_floor(self, n: int, seed: int = 0) -> float:
         """FD of n real digits drawn with replacement: the value a perfect model scores with n samples."""
         idx = torch.randint(len(self.real), (n,), generator=torch.Generator().manual_seed(seed))

@@ -13,7 +13,7 @@ from toolkit import limits
 from toolkit.errors import ToolkitError
 from toolkit.hookspecs import hookimpl
 from toolkit.losses import (autoencoder_summary, holdout_accuracy, loss_autoencoder, loss_classifier, loss_features,
-                            loss_hybrid, loss_simple)
+                            loss_hybrid, loss_simple, loss_vlb)
 from toolkit.registry import create
 
 TRAINING_COPIES = 5  # weights, EMA, gradients and AdamW's two moments: what memory must hold
@@ -39,10 +39,12 @@ class NoisePredictorTask:
         conditional = config.conditional if config.conditional is not None else data.y is not None
         if conditional and data.y is None:
             raise ToolkitError(f"dataset {data.name!r} has no labels: it cannot train a class-conditional model")
-        if config.loss == "hybrid" and not config.learned_variance:
-            raise ToolkitError("--loss hybrid trains the variance through L_vlb: add --learn-variance")
-        if config.loss == "hybrid" and config.prediction != "epsilon":
-            raise ToolkitError("--loss hybrid needs --prediction epsilon")
+        if config.loss in ("hybrid", "vlb") and not config.learned_variance:
+            raise ToolkitError(f"--loss {config.loss} trains the variance through L_vlb: add --learn-variance")
+        if config.loss in ("hybrid", "vlb") and config.prediction != "epsilon":
+            raise ToolkitError(f"--loss {config.loss} needs --prediction epsilon")
+        if config.importance_sampling and config.loss == "simple":
+            raise ToolkitError("--importance-sampling samples t by L_vlb: use it with --loss vlb or hybrid")
         options = dict(config.model_options)
         options.update(sample_shape=data.sample_shape, num_classes=data.num_classes if conditional else None,
                        prediction=config.prediction, learned_variance=config.learned_variance)
@@ -55,8 +57,9 @@ class NoisePredictorTask:
         y = batch.y
         if y is not None:  # ∅ = K with probability p_uncond
             y = torch.where(batch.drop, torch.full_like(y, batch.null_label), y)
-        if batch.config.loss == "hybrid":
-            return loss_hybrid(net, schedule, batch.x0, batch.t, batch.noise, y, batch.levels)
+        if batch.config.loss in ("hybrid", "vlb"):
+            fn = loss_hybrid if batch.config.loss == "hybrid" else loss_vlb
+            return fn(net, schedule, batch.x0, batch.t, batch.noise, y, batch.levels, batch.weights, batch.observed)
         return loss_simple(net, schedule, batch.x0, batch.t, batch.noise, y)
 
     def model_options(self, model, config, data) -> dict[str, Any]:

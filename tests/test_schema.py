@@ -164,7 +164,7 @@ def test_a_malformed_shard_index(tmp_path, edit, message):
     (["compose", "-n", 2, "--seed", -1, "--out", "x.npy"], "'--seed': -1 is not in the range"),
     (["compose", "-n", 2, "--seed", 10**23, "--out", "x.npy"], "is not in the range 0<=x<=9223372036854775807"),
     (["evaluate", "--metric", "fid", "-n", 10**12], "-n 1000000000000 samples of shape [1, 8, 8] needs"),
-    (["evaluate", "--steps", 2], "Missing option '--metric'. Choose from: nll, fid, ode"),  # click's 4 lines, as one
+    (["evaluate", "--steps", 2], "Missing option '--metric'. Choose from: nll, ode-nll, fid, ode"),  # click's 4 lines, as one
     (["train", "--dataset", "moons", "--data-option", "n=100000000000", "--model", "mlp", "--out", "m"],
      "moons: n must be an integer in 2..10000000"),
     (["train", "--dataset", "moons", "--data-option", "n=0", "--model", "mlp", "--out", "m"], "moons: n must be"),

@@ -30,17 +30,40 @@ def loss_simple(model: nn.Module, schedule, x0: Tensor, t: Tensor, noise: Tensor
 HYBRID_LAMBDA = 0.001  # λ of L_hybrid = L_simple + λ L_vlb (Nichol & Dhariwal)
 
 
+def _weighted(per_sample: Tensor, weights: Tensor | None, observed: dict[str, Tensor] | None) -> Tensor:
+    """The batch mean of per-sample losses, each times its importance weight 1/(T p_t) (None: uniform t); the
+    unweighted values go to ``observed["loss"]`` (what importance sampling learns p_t from)."""
+    if observed is not None:
+        observed["loss"] = per_sample.detach()
+    if weights is None:
+        return per_sample.mean()
+    return (per_sample * weights.to(per_sample.dtype)).mean()
+
+
 def loss_hybrid(model: nn.Module, schedule, x0: Tensor, t: Tensor, noise: Tensor, y: Tensor | None,
-                levels: int | None) -> Tensor:
+                levels: int | None, weights: Tensor | None = None, observed: dict[str, Tensor] | None = None) -> Tensor:
     """L_hybrid = L_simple + λ·L_vlb; L_vlb ≈ T·L_t for uniform t, and L_t sees a stop-gradient ε (mean)."""
     x_t = diffusion.q_sample(schedule, x0, t, noise)
     out = model(x_t, t, y)
     C = x0.shape[1]
     eps, v_raw = out[:, :C], out[:, C:]
-    simple = (eps - noise).pow(2).mean()
+    simple = (eps - noise).pow(2).flatten(1).mean(1)
     log_variance = diffusion.learned_range_log_variance(schedule, t, v_raw)
-    vlb = diffusion.vlb_terms(schedule, x0, x_t, t, eps.detach(), log_variance, levels).mean()
-    return simple + HYBRID_LAMBDA * schedule.num_timesteps * vlb
+    vlb = diffusion.vlb_terms(schedule, x0, x_t, t, eps.detach(), log_variance, levels)
+    return _weighted(simple + HYBRID_LAMBDA * schedule.num_timesteps * vlb, weights, observed)
+
+
+def loss_vlb(model: nn.Module, schedule, x0: Tensor, t: Tensor, noise: Tensor, y: Tensor | None,
+             levels: int | None, weights: Tensor | None = None, observed: dict[str, Tensor] | None = None) -> Tensor:
+    """L_vlb alone (Improved DDPM's likelihood objective): T·L_t at uniform t, or L_t / p_t with importance-sampled t;
+    mean and variance both learn through it (no stop-gradient). L_T is constant in θ and left out."""
+    x_t = diffusion.q_sample(schedule, x0, t, noise)
+    out = model(x_t, t, y)
+    C = x0.shape[1]
+    eps, v_raw = out[:, :C], out[:, C:]
+    log_variance = diffusion.learned_range_log_variance(schedule, t, v_raw)
+    vlb = diffusion.vlb_terms(schedule, x0, x_t, t, eps, log_variance, levels)
+    return _weighted(schedule.num_timesteps * vlb, weights, observed)
 
 
 def loss_autoencoder(model: nn.Module, x0: Tensor, noise: Tensor) -> Tensor:

@@ -123,6 +123,12 @@ def check_training_state(state: dict[str, Any], params: list[Any]) -> None:
     for key, value in state.items():
         if key.startswith("model.") or key == "ema.n_averaged":
             continue
+        if key in ("importance.history", "importance.count"):  # --importance-sampling's loss history
+            if value.ndim not in (1, 2) or (key == "importance.count") == value.dtype.is_floating_point:
+                raise ToolkitError(f"{key} has the wrong type or shape: {value.dtype} {list(value.shape)}")
+            if bool((value < 0).any()) or (value.dtype.is_floating_point and not bool(torch.isfinite(value).all())):
+                raise ToolkitError(f"{key} holds negative or non-finite values")
+            continue
         match = _OPTIM_KEY.match(key)
         if match is None:
             raise ToolkitError(f"unexpected tensor {key!r}")

@@ -67,7 +67,8 @@ class TrainConfig:
     schedule: str = "cosine"
     num_timesteps: int = field(default=1000, validator=_count(limits.MAX_TIMESTEPS))
     prediction: str = "epsilon"
-    loss: str = field(default="simple", validator=validators.in_(("simple", "hybrid")))
+    loss: str = field(default="simple", validator=validators.in_(("simple", "hybrid", "vlb")))
+    importance_sampling: bool = False  # t drawn ∝ √E[L_t²] (Improved DDPM §3.3), for the vlb and hybrid losses
     learned_variance: bool = False
     conditional: bool | None = None  # None: class-conditional when the data set has labels
     p_uncond: float = field(default=0.1, validator=_unit)
@@ -94,13 +95,15 @@ class Batch:
 
     x0: Tensor
     y: Tensor | None  # the data's labels (None for a model without classes)
-    t: Tensor  # uniform timesteps
+    t: Tensor  # timesteps (uniform, or importance-sampled)
     noise: Tensor  # ε of the data's shape
     drop: Tensor  # where the label is replaced by the null label ∅ (probability p_uncond)
     extra: dict[str, Tensor]  # the task's own draws (extra_noise)
     null_label: int | None  # K
     levels: int | None  # the data's number of levels (the discretized decoder of L_vlb)
     config: "TrainConfig"
+    weights: Tensor | None = None  # importance weights 1/(T p_t) of each sample (None: uniform t)
+    observed: dict[str, Tensor] = field(factory=dict)  # what the loss reports per sample ("loss": its L_t)
 
 
 @define
@@ -252,6 +255,14 @@ class TrainLoop:
         self.config = config = TrainConfig(**{**config.to_json(), "conditional": self.conditional})
         self.ema = _ema(model, config.ema_decay)
         self.opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.importance = None
+        if config.importance_sampling:
+            if world.size > 1:
+                raise ToolkitError("--importance-sampling runs in one process (its loss history is not shared "
+                                   "between ranks)")
+            from toolkit.importance import LossSecondMoment
+
+            self.importance = LossSecondMoment(config.num_timesteps)
         if resumed.state is not None:
             self._load(resumed.state)
         # the batch, its noise and x_t alone: activations need more, but a batch that cannot even hold this is refused
@@ -284,6 +295,10 @@ class TrainLoop:
         checkpoint.load_state(self.model, {k[6:]: v for k, v in state.items() if k.startswith("model.")}, str(out))
         checkpoint.load_state(self.ema.module, checkpoint.read_tensors(out, checkpoint.WEIGHTS), str(out))
         self.ema.n_averaged.fill_(int(state["ema.n_averaged"]))
+        if self.importance is not None:
+            if "importance.history" not in state:
+                raise CheckpointError(f"cannot resume {str(out)!r} with --importance-sampling: it was trained without")
+            self.importance.load(state)
         # AdamW keeps its step count on the CPU: moving it to the GPU would sync every step
         _load_optimizer(self.opt, {k: v if k.endswith(".step") else v.to(device)
                                    for k, v in state.items() if k.startswith("optim.")})
@@ -307,14 +322,19 @@ class TrainLoop:
         config, device, rows = self.config, self.device, self.rows
         g = torch.Generator().manual_seed(sample_seed(config.seed, step))
         idx = self.pool[torch.randint(len(self.pool), (config.batch_size,), generator=g)]
-        t = torch.randint(config.num_timesteps, (config.batch_size,), generator=g)
+        weights = None
+        if self.importance is not None:
+            t, weights = self.importance.sample(config.batch_size, g)
+        else:
+            t = torch.randint(config.num_timesteps, (config.batch_size,), generator=g)
         noise = torch.randn((config.batch_size, *self.data.sample_shape), generator=g)
         drop = torch.rand(config.batch_size, generator=g) < config.p_uncond
         extra = self.task.extra_noise(self.model, config.batch_size, g)
         idx, t, noise, drop = idx[rows].to(device), t[rows], noise[rows], drop[rows]
         return Batch(x0=self.x_all[idx], y=self.y_all[idx] if self.conditional else None, t=t.to(device),
                      noise=noise.to(device), drop=drop.to(device), extra={k: v[rows].to(device) for k, v in extra.items()},
-                     null_label=self.null_label, levels=self.data.levels, config=config)
+                     null_label=self.null_label, levels=self.data.levels, config=config,
+                     weights=None if weights is None else weights[rows].to(device))
 
     def optimize(self, step: int) -> tuple[Tensor, Tensor]:
         """One optimizer step: the task's loss, backward, clipping, AdamW, EMA. Returns (loss, gradient norm)."""
@@ -325,6 +345,11 @@ class TrainLoop:
         torch.manual_seed(sample_seed(self.config.seed, (step << 16) + self.world.rank))
         with self.autocast:
             loss = self.task.loss(self.net, self.schedule, batch)
+        if self.importance is not None:
+            if "loss" not in batch.observed:
+                raise ToolkitError(f"task {self.config.task!r} does not report per-sample losses: it cannot use "
+                                   "--importance-sampling")
+            self.importance.update(batch.t, batch.observed["loss"])
         self.opt.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -387,6 +412,8 @@ class TrainLoop:
         extra = {"model." + k: v for k, v in model.state_dict().items()}
         extra.update(_optimizer_tensors(self.opt))
         extra["ema.n_averaged"] = ema.n_averaged.detach().clone()
+        if self.importance is not None:
+            extra.update(self.importance.state())
         checkpoint.write_checkpoint(out, cfg, ema.module.state_dict(), {checkpoint.TRAINING_STATE: extra},
                                     files=self.run_log.checkpoint_files())
 

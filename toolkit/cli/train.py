@@ -44,8 +44,12 @@ def run_training(task: str, dataset, data_options, model, model_options, schedul
 @cli.command("train")
 @train_options("unet", 4000)
 @click.option("--prediction", type=click.Choice(["epsilon", "v", "x0"]), default="epsilon", show_default=True)
-@click.option("--loss", type=click.Choice(["simple", "hybrid"]), default="simple", show_default=True,
-              help="L_simple (Ho et al.) or L_hybrid = L_simple + 0.001·L_vlb (Nichol & Dhariwal).")
+@click.option("--loss", type=click.Choice(["simple", "hybrid", "vlb"]), default="simple", show_default=True,
+              help="L_simple (Ho et al.), L_hybrid = L_simple + 0.001·L_vlb, or L_vlb alone (Nichol & Dhariwal; "
+                   "hybrid and vlb need --learn-variance).")
+@click.option("--importance-sampling", is_flag=True,
+              help="Draw t ∝ √E[L_t²] (10 values of L_t per t, uniform until every t has them; Improved DDPM §3.3); "
+                   "for --loss vlb and hybrid.")
 @click.option("--learn-variance", is_flag=True, help="Output Σ_θ too (Improved DDPM's learned range).")
 @click.option("--unconditional", is_flag=True, help="Ignore the dataset's labels.")
 @click.option("--p-uncond", default=0.1, show_default=True, type=float,
@@ -57,10 +61,11 @@ def run_training(task: str, dataset, data_options, model, model_options, schedul
               help="Data kept out of training; its loss is logged at every checkpoint.")
 @click.option("--task", default="noise_predictor", show_default=True,
               help="The training task: a registered task plugin (`toolkit plugins`) that trains a noise predictor.")
-def train_cmd(prediction, loss, learn_variance, unconditional, p_uncond, latent, sample_every, val_fraction, task,
-              **kwargs) -> None:
-    """Train a noise predictor with L_simple (Algorithm 1) or L_hybrid into a checkpoint directory."""
-    run_training(task, prediction=prediction, loss=loss, learned_variance=learn_variance,
+def train_cmd(prediction, loss, importance_sampling, learn_variance, unconditional, p_uncond, latent, sample_every,
+              val_fraction, task, **kwargs) -> None:
+    """Train a noise predictor with L_simple (Algorithm 1), L_hybrid or L_vlb into a checkpoint directory."""
+    run_training(task, prediction=prediction, loss=loss, importance_sampling=importance_sampling,
+                 learned_variance=learn_variance,
                  conditional=False if unconditional else None, p_uncond=p_uncond, latent=latent_arg(latent),
                  sample_every=sample_every, holdout=val_fraction, **kwargs)
 
