@@ -47,6 +47,26 @@ def unit_interval(instance, attribute, value) -> None:
         raise ToolkitError(f"{instance.name}: {attribute.name} must lie in [0, 1], got {value}")
 
 
+def percentile(instance, attribute, value) -> None:
+    if not 0 <= value < 1:
+        raise ToolkitError(f"{attribute.name} must be a percentile p in (0, 1), or 0 for off; got {value!r}")
+
+
+def positive(instance, attribute, value) -> None:
+    if not value > 0 or value != value or value == float("inf"):
+        raise ToolkitError(f"{attribute.name} must be a positive number, got {value!r}")
+
+
+def threshold_field():
+    """Dynamic thresholding of x̂_0 (Saharia et al. 2022): the percentile p (e.g. 0.995); 0 = off."""
+    return field(default=0.0, converter=float, validator=percentile)
+
+
+def clip_range_field():
+    """The range ±r x̂_0 is clipped or thresholded to: 1 for data in [-1, 1]."""
+    return field(default=1.0, converter=float, validator=positive)
+
+
 def posterior_coefficients(a_t: np.ndarray, a_prev: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """μ̃ = coef_x0·x̂_0 + coef_xt·x_t of q(x_prev | x_t, x_0) over a visited pair, and the pair's own
     β = 1 - ᾱ_t/ᾱ_prev (Ho et al. eq. 6-7, respaced), in float64."""
@@ -66,6 +86,8 @@ class DDPM:
 
     variance: str = field(default="auto", validator=choice("auto", "posterior", "beta", "learned"))
     clip_x0: bool = field(default=True, converter=flag)
+    threshold: float = threshold_field()
+    clip_range: float = clip_range_field()
     spacing: str = field(default="uniform", validator=choice(*SPACINGS))
     default_steps: int | None = None
     name: str = field(default="ddpm", init=False)
@@ -111,7 +133,8 @@ class DDPM:
     def step(self, model_fn: ModelFn, x: Tensor, state: tuple, i: Tensor, plan: Plan, noise: Tensor | None):
         out = model_fn(x, plan.t[i])
         eps, _ = split_output(out, x)
-        x0, _ = x0_and_eps(x, eps, plan["alpha"][i], plan["sigma"][i], self.clip_x0)
+        x0, _ = x0_and_eps(x, eps, plan["alpha"][i], plan["sigma"][i], self.clip_x0, self.threshold,
+                                self.clip_range)
         mean = plan["coef_x0"][i] * x0 + plan["coef_xt"][i] * x  # μ̃(x_t, x̂_0), eq. 7
         if noise is None:
             return mean, ()
@@ -132,6 +155,8 @@ class DDIM:
 
     eta: float = field(default=0.0, converter=float, validator=unit_interval)
     clip_x0: bool = field(default=True, converter=flag)
+    threshold: float = threshold_field()
+    clip_range: float = clip_range_field()
     spacing: str = field(default="uniform", validator=choice(*SPACINGS))
     default_steps: int | None = 50
     sigma: str = field(default="eta", validator=choice("eta", "hat"))
@@ -173,7 +198,8 @@ class DDIM:
 
     def step(self, model_fn: ModelFn, x: Tensor, state: tuple, i: Tensor, plan: Plan, noise: Tensor | None):
         eps, _ = split_output(model_fn(x, plan.t[i]), x)
-        x0, eps = x0_and_eps(x, eps, plan["alpha"][i], plan["sigma"][i], self.clip_x0)
+        x0, eps = x0_and_eps(x, eps, plan["alpha"][i], plan["sigma"][i], self.clip_x0, self.threshold,
+                                self.clip_range)
         x_prev = plan["c_x0"][i] * x0 + plan["c_eps"][i] * eps
         if self.sigma == "hat":
             x_prev = x_prev + plan["c_x"][i] * x

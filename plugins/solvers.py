@@ -16,13 +16,14 @@ from torch import Tensor
 from toolkit.errors import ToolkitError
 from toolkit.hookspecs import hookimpl
 from toolkit.protocols import ModelFn, Schedule
-from toolkit.plugins.samplers import choice, flag, unit_interval
+from toolkit.plugins.samplers import choice, clip_range_field, flag, threshold_field, unit_interval
 from toolkit.sampling import SPACINGS, Plan, check_steps, grid, split_output, x0_and_eps
 
 
 def _model_x0_eps(sampler, model_fn: ModelFn, x: Tensor, i: Tensor, plan: Plan) -> tuple[Tensor, Tensor]:
     eps, _ = split_output(model_fn(x, plan.t[i]), x)
-    return x0_and_eps(x, eps, plan["alpha"][i], plan["sigma"][i], sampler.clip_x0)
+    return x0_and_eps(x, eps, plan["alpha"][i], plan["sigma"][i], sampler.clip_x0, sampler.threshold,
+                      sampler.clip_range)
 
 
 def _check_order(sampler, schedule: Schedule, steps: int) -> int:
@@ -45,6 +46,8 @@ class DPMSolverPP2M:
 
     order: int = field(default=2, converter=int, validator=choice(1, 2))
     clip_x0: bool = field(default=True, converter=flag)
+    threshold: float = threshold_field()
+    clip_range: float = clip_range_field()
     spacing: str = field(default="logsnr", validator=choice(*SPACINGS))
     default_steps: int | None = 20
     name: str = field(default="dpmpp-2m", init=False)
@@ -103,6 +106,8 @@ class UniPC:
 
     order: int = field(default=2, converter=int, validator=choice(1, 2))
     clip_x0: bool = field(default=True, converter=flag)
+    threshold: float = threshold_field()
+    clip_range: float = clip_range_field()
     spacing: str = field(default="logsnr", validator=choice(*SPACINGS))
     default_steps: int | None = 10
     variant: str = field(default="bh2", validator=choice("bh1", "bh2"))
@@ -165,6 +170,8 @@ class Heun:
     """
 
     clip_x0: bool = field(default=True, converter=flag)
+    threshold: float = threshold_field()
+    clip_range: float = clip_range_field()
     spacing: str = field(default="karras", validator=choice(*SPACINGS))
     default_steps: int | None = 10
     name: str = field(default="heun", init=False)
@@ -203,6 +210,8 @@ class EulerAncestral:
 
     eta: float = field(default=1.0, converter=float, validator=unit_interval)
     clip_x0: bool = field(default=True, converter=flag)
+    threshold: float = threshold_field()
+    clip_range: float = clip_range_field()
     spacing: str = field(default="karras", validator=choice(*SPACINGS))
     default_steps: int | None = 30
     name: str = field(default="euler-a", init=False)

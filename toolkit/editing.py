@@ -40,17 +40,21 @@ def check_images(x: Any, shape: tuple[int, ...], what: str = "image") -> Tensor:
     return x.clamp(-1, 1)
 
 
+def read_npy(path: Path, what: str) -> np.ndarray:
+    """A .npy file's array (never a pickle), or one line saying it is not readable."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise ToolkitError(f"{what} {str(path)!r} is not a readable .npy array ({exc})") from None
+
+
 def load_images(path: str | os.PathLike, shape: tuple[int, ...], what: str = "--input") -> Tensor:
     """A .npy array [N, *shape] (or one [*shape]) in [-1, 1], or a grayscale/RGB PNG of one image (0..255)."""
     path = Path(path)
     if not path.is_file():
         raise ToolkitError(f"{what} {str(path)!r} does not exist")
     if path.suffix.lower() == ".npy":
-        try:
-            data = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise ToolkitError(f"{what} {str(path)!r} is not a readable .npy array ({exc})") from None
-        return check_images(data, shape, what)
+        return check_images(read_npy(path, what), shape, what)
     if path.suffix.lower() == ".png":
         from PIL import Image, UnidentifiedImageError
 
@@ -73,10 +77,7 @@ def load_noise(path: str | os.PathLike, shape: tuple[int, ...], what: str = "--n
     path = Path(path)
     if path.suffix.lower() != ".npy" or not path.is_file():
         raise ToolkitError(f"{what} must be an existing .npy file, got {str(path)!r}")
-    try:
-        x = torch.from_numpy(np.load(path, allow_pickle=False))
-    except (ValueError, OSError) as exc:
-        raise ToolkitError(f"{what} {str(path)!r} is not a readable .npy array ({exc})") from None
+    x = torch.from_numpy(read_npy(path, what))
     if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != tuple(shape) or len(x) < 1:
         raise ToolkitError(f"{what} must have shape [N, {', '.join(map(str, shape))}], got {list(x.shape)}")
     if not x.is_floating_point() or not bool(torch.isfinite(x).all()):
@@ -114,7 +115,8 @@ def invert(pipe, x0: Any, labels: Any = None, *, scale: Any = None, batch_size: 
     if pipe.mean_shift:
         raise ToolkitError("classifier guidance on the mean (ddpm) cannot be inverted")
     if isinstance(sampler, ClipsX0) and attrs.has(type(sampler)):
-        sampler = attrs.evolve(sampler, clip_x0=False)  # clipping x̂_0 is not invertible
+        guard = {"threshold": 0.0} if "threshold" in attrs.fields_dict(type(sampler)) else {}
+        sampler = attrs.evolve(sampler, clip_x0=False, **guard)  # clipping or thresholding x̂_0 is not invertible
     x0 = check_images(x0, pipe.output_shape, "images")
     n = x0.shape[0]
     y = pipe.check_labels(n, labels)

@@ -209,11 +209,9 @@ def load_mask(spec: str | os.PathLike, shape: tuple[int, ...], n: int, what: str
     if not path.is_file():
         raise ToolkitError(f"{what} {str(path)!r} does not exist")
     if path.suffix.lower() == ".npy":
-        try:
-            data = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise ToolkitError(f"{what} {str(path)!r} is not a readable .npy array ({exc})") from None
-        return check_mask(data, shape, n)
+        from toolkit.editing import read_npy
+
+        return check_mask(read_npy(path, what), shape, n)
     from PIL import Image, UnidentifiedImageError
 
     try:

@@ -22,6 +22,7 @@ class Latent:
     scale_factor: float
     fingerprint: str
     source: str
+    range: float | None = None  # max |scaled latent| over the real data (train-autoencoder records it)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -59,7 +60,9 @@ def load_latent(name_or_path: str | os.PathLike, device: str | torch.device = "c
     source = str(name_or_path)
     if not (os.sep not in source and source in available("pretrained")):
         source = str(ckpt.path.resolve())  # a directory: remembered by its absolute path
-    return Latent(ckpt.model, float(info["scale_factor"]), str(info["fingerprint"]), source)
+    latent_range = info.get("range")
+    return Latent(ckpt.model, float(info["scale_factor"]), str(info["fingerprint"]), source,
+                  float(latent_range) if isinstance(latent_range, (int, float)) and latent_range > 0 else None)
 
 
 @torch.no_grad()

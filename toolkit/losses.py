@@ -87,7 +87,9 @@ def autoencoder_summary(model: nn.Module, x: Tensor, batch_size: int = 500) -> d
         worst = max(worst, float(err.abs().max()))
     model.train(was)
     z = torch.cat(zs)
-    return {"scale_factor": float(1.0 / z.double().std()), "fingerprint": checkpoint.weights_fingerprint(model.state_dict()),
+    scale = float(1.0 / z.double().std())
+    return {"scale_factor": scale, "fingerprint": checkpoint.weights_fingerprint(model.state_dict()),
+            "range": float(z.double().abs().max()) * scale,  # the real latents' range, scaled: the latent clip range
             "latent_shape": list(z.shape[1:]), "data_shape": list(x.shape[1:]),
             "reconstruction_mse": sq / x.numel(), "reconstruction_max_abs": worst}
 

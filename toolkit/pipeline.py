@@ -341,7 +341,7 @@ def load_predictor(model: Any, device: torch.device | str = "cpu"
 
 
 def _paired_latent(latent: Any, config: dict[str, Any], predictor: NoisePredictor, sampler: Sampler,
-                   clip_given: bool, device: torch.device) -> tuple[Any, Sampler]:
+                   clip_given: bool, device: torch.device, range_given: bool = False) -> tuple[Any, Sampler]:
     """The autoencoder of a latent model (the one it records, or ``latent``, checked to be that one), and the
     sampler with x̂_0 clipping off unless the user set it."""
     from toolkit.latent import Latent, check_pairing, load_latent
@@ -358,6 +358,10 @@ def _paired_latent(latent: Any, config: dict[str, Any], predictor: NoisePredicto
     if optional.clip_x0(sampler) and not clip_given and attrs.has(type(sampler)):
         # latents are unit-variance, not confined to the data range [-1, 1]: clipping x̂_0 would distort them
         sampler = attrs.evolve(sampler, clip_x0=False)
+    if latent_obj.range is not None and not range_given and attrs.has(type(sampler)) \
+            and "clip_range" in attrs.fields_dict(type(sampler)):
+        # a clip (clip_x0=true) or dynamic threshold the user asks for keeps x̂_0 within the real latents' range
+        sampler = attrs.evolve(sampler, clip_range=latent_obj.range)
     return latent_obj, sampler
 
 
@@ -409,7 +413,8 @@ def compose(
     predictor, train_schedule, config = load_predictor(model, device)
     latent_obj = None
     if latent is not None or config.get("latent"):
-        latent_obj, sampler_obj = _paired_latent(latent, config, predictor, sampler_obj, "clip_x0" in options, device)
+        latent_obj, sampler_obj = _paired_latent(latent, config, predictor, sampler_obj, "clip_x0" in options, device,
+                                                 "clip_range" in options)
     elif config.get("sampling", {}).get("clip_x0") is False and "clip_x0" not in options \
             and optional.clip_x0(sampler_obj) and attrs.has(type(sampler_obj)):
         sampler_obj = attrs.evolve(sampler_obj, clip_x0=False)  # e.g. a diffusers scheduler with clip_sample = false

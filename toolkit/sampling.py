@@ -407,11 +407,38 @@ def split_output(out: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
     raise ToolkitError(f"model output has {out.shape[1]} channels; expected {C} or {2 * C}")
 
 
-def x0_and_eps(x: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, clip: bool) -> tuple[Tensor, Tensor]:
-    """x̂_0 = (x - σ ε)/α (Ho et al. eq. 4 inverted); with ``clip``, x̂_0 clipped to [-1, 1] and ε re-derived
-    from it (guided-diffusion), so every solver sees a consistent pair."""
-    x0 = (x - sigma * eps) / alpha
+def abs_quantile(x: Tensor, p: float) -> Tensor:
+    """The p-quantile of |x| over each sample's values, [B] (torch.quantile's linear interpolation), from one TopK:
+    traceable and exportable, the number of values being fixed by the shape."""
+    flat = x.abs().flatten(1)
+    D = flat.shape[1]
+    q = p * (D - 1)
+    lo = min(int(math.floor(q)), D - 1)
+    frac = q - lo
+    top = torch.topk(flat, D - lo, dim=1).values  # descending: ascending index j is top[:, D - 1 - j]
+    below = top[:, D - 1 - lo]
+    above = top[:, max(D - 2 - lo, 0)]
+    return below * (1 - frac) + above * frac
+
+
+def guard_x0(x0: Tensor, clip: bool, threshold: float = 0.0, clip_range: float = 1.0) -> Tensor:
+    """x̂_0 kept in the data's range ±r (r = ``clip_range``, 1 for pixels in [-1, 1]): dynamic thresholding
+    (Saharia et al. 2022) when ``threshold`` = p > 0, s = max(p-quantile of |x̂_0|, r) per sample and
+    x̂_0 ← clip(x̂_0, −s, s)·r/s, else a static clip to ±r when ``clip``, else unchanged."""
+    if threshold > 0:
+        s = abs_quantile(x0, threshold).clamp(min=clip_range).reshape(-1, *([1] * (x0.ndim - 1)))
+        return torch.maximum(torch.minimum(x0, s), -s) * (clip_range / s)
     if clip:
-        x0 = x0.clamp(-1, 1)
+        return x0.clamp(-clip_range, clip_range)
+    return x0
+
+
+def x0_and_eps(x: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, clip: bool, threshold: float = 0.0,
+               clip_range: float = 1.0) -> tuple[Tensor, Tensor]:
+    """x̂_0 = (x - σ ε)/α (Ho et al. eq. 4 inverted); guarded (``guard_x0``: clipped to ±r, or dynamically
+    thresholded) with ε re-derived from it (guided-diffusion), so every solver sees a consistent pair."""
+    x0 = (x - sigma * eps) / alpha
+    if clip or threshold > 0:
+        x0 = guard_x0(x0, clip, threshold, clip_range)
         eps = (x - alpha * x0) / sigma
     return x0, eps
