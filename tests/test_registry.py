@@ -31,7 +31,7 @@ SAMPLERS = ["ddim", "ddpm", "dpmpp-2m", "euler-a", "heun", "unipc"]
 
 
 def test_builtins_listed():
-    assert builtin("schedule") == ["cosine", "linear"]
+    assert builtin("schedule") == ["cosine", "diffusers", "linear"]  # diffusers: the beta schedules of diffusers folders
     assert builtin("samplers") == SAMPLERS
     assert {"cosine", "linear"} <= set(toolkit.available("schedule"))
     assert {"unet", "mlp"} <= set(toolkit.available("model"))
@@ -100,7 +100,7 @@ def test_plugin_that_fails_to_import(fresh_registry, monkeypatch):
 def test_disable_plugins(fresh_registry, monkeypatch):
     monkeypatch.setenv("TOOLKIT_DISABLE_PLUGINS", "samplers,solvers")
     assert toolkit.available("sampler") == []
-    assert toolkit.available("schedule") == ["cosine", "linear"]
+    assert toolkit.available("schedule") == ["cosine", "diffusers", "linear"]
 
 
 def test_misspelled_hook_fails_loudly(fresh_registry):
