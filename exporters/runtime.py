@@ -298,6 +298,8 @@ class SamplerSession:
         if not np.isfinite(x).all() or x.min() < -1 or x.max() > 1:
             raise GraphError("image values must be finite and lie in [-1, 1]")
         m = np.asarray(mask, dtype=np.float32)
+        if m.ndim == len(shape) and m.shape[0] == n and n > 1 and n != shape[0]:
+            m = m[:, None]  # one [H, W] mask per image
         while m.ndim < len(shape) + 1:
             m = m[None]
         if m.ndim != len(shape) + 1 or tuple(m.shape[2:]) != shape[1:] or m.shape[1] not in (1, shape[0]) \

@@ -254,7 +254,9 @@ def toolkit_config(path: Path) -> dict[str, Any]:
             "sample_shape": [C, H, W], "num_classes": num_classes, "prediction": mapped.pop("prediction"),
             "learned_variance": learned, "unet": unet_clean}},
         "schedule": {"name": "diffusers", "options": mapped.pop("schedule")},
-        "sampling": {"clip_x0": mapped.pop("clip_x0")},
+        # sampler defaults the folder implies (a user's --sampler-option wins): x̂_0 clipping, ddpm's fixed variance
+        "sampling": {k: v for k, v in (("clip_x0", mapped.pop("clip_x0")), ("variance", mapped.pop("variance")))
+                     if v is not None},
         "source": {"format": "diffusers", "path": str(Path(path).resolve()),
                    "diffusers_version": unet.get("_diffusers_version")},
     }
@@ -289,7 +291,7 @@ def map_scheduler(sched: dict[str, Any]) -> dict[str, Any]:
         schedule["trained_betas"] = [float(b) for b in trained]
     diffusers_schedule(**schedule)  # the betas are valid
     return {"schedule": schedule, "prediction": PREDICTIONS[prediction], "learned_variance": variance == "learned_range",
-            "clip_x0": clip}
+            "clip_x0": clip, "variance": "beta" if variance.startswith("fixed_large") else None}
 
 
 class DiffusersFormat:
@@ -331,9 +333,13 @@ def scheduler_config(schedule: dict[str, Any], prediction: str, learned_variance
     if name == "diffusers":
         kw = {"beta_schedule": options.get("beta_schedule", "linear"), "beta_start": options.get("beta_start", 1e-4),
               "beta_end": options.get("beta_end", 0.02), "trained_betas": options.get("trained_betas")}
-    elif name == "linear":
+    elif name == "linear" and T == 1000:  # the toolkit's linear scales both ends by 1000/T: only T = 1000 is diffusers'
         kw = {"beta_schedule": "linear", "beta_start": options.get("beta_start", 1e-4),
               "beta_end": options.get("beta_end", 0.02)}
+    elif name == "linear":
+        from toolkit.checkpoint import build_schedule
+
+        kw = {"trained_betas": [float(b) for b in build_schedule({"schedule": schedule}).betas]}
     elif name == "cosine" and options.get("s", 0.008) == 0.008 and options.get("max_beta", 0.999) == 0.999:
         kw = {"beta_schedule": "squaredcos_cap_v2"}
     else:

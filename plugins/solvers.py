@@ -111,6 +111,8 @@ class UniPC:
     spacing: str = field(default="logsnr", validator=choice(*SPACINGS))
     default_steps: int | None = 10
     variant: str = field(default="bh2", validator=choice("bh1", "bh2"))
+    # its corrector rebuilds x_k from its own history, so an x changed between steps (inpainting) would be lost
+    rebuilds_x_from_history = True
     name: str = field(default="unipc", init=False)
 
     def plan(self, schedule: Schedule, steps: int) -> Plan:

@@ -164,3 +164,21 @@ def test_bad_folders_and_hub_ids_are_refused(folders, tmp_path):
     one_line_error(run("convert", "--to", "diffusers", "digits", tmp_path / "x"), "no diffusers UNet2DModel equivalent")
     one_line_error(run("convert", root / "unet", tmp_path / "x"), "--from diffusers or --to diffusers")
     assert not (tmp_path / "x").exists()
+
+
+def test_fixed_large_variance_and_other_t_map_both_ways(folders, tmp_path):
+    from toolkit.plugins.diffusers_interop import scheduler_config
+
+    root, _, _ = folders
+    large = tmp_path / "large"
+    shutil.copytree(root / "unet", large)
+    config = json.loads((large / "scheduler_config.json").read_text())
+    config["variance_type"] = "fixed_large"
+    (large / "scheduler_config.json").write_text(json.dumps(config))
+    assert toolkit.compose(model=large, sampler="ddpm", steps=5).sampler.variance == "beta"  # diffusers' σ² = β
+    assert toolkit.compose(model=large, sampler="ddpm", steps=5, variance="posterior").sampler.variance == "posterior"
+    # the toolkit's linear schedule at T = 500 (both ends scaled by 1000/T) is written as its betas
+    sched = DDPMScheduler.from_config(scheduler_config({"name": "linear", "options": {"num_timesteps": 500}}, "epsilon",
+                                                       False, True))
+    ours = toolkit.create("schedule", "linear", num_timesteps=500)
+    assert torch.allclose(sched.alphas_cumprod.double(), ours.alphas_cumprod, rtol=1e-5)

@@ -152,6 +152,12 @@ def test_masks_by_name_and_checks():
         pipe.inpaint(torch.zeros(1, 1, 8, 8), lower, resample=0)
 
 
+def test_a_solver_that_rebuilds_x_from_its_history_is_refused():
+    pipe = toolkit.compose(sampler="unipc", steps=5)
+    with pytest.raises(toolkit.ToolkitError, match="rebuilds x from its own history"):
+        pipe.inpaint(torch.zeros(1, 1, 8, 8), torch.ones(8, 8))
+
+
 def test_plugin_api_1_is_refused():
     from helpers import V1DDIM
 

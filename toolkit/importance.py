@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from toolkit.errors import ToolkitError
+
 HISTORY = 10  # values of L_t kept per t
 UNIFORM_FLOOR = 1e-3  # p ← (1 − 1e-3) p + 1e-3 / T: no t is ever starved
 
@@ -45,6 +47,8 @@ class LossSecondMoment:
     def update(self, t: Tensor, losses: Tensor) -> None:
         """Append each sample's L_t to its t's history (the oldest value drops out once there are 10)."""
         for ti, li in zip(t.tolist(), losses.detach().double().cpu().tolist()):
+            if li != li or li in (float("inf"), float("-inf")):
+                continue  # a diverging step: the loop reports it; the history stays a distribution
             if self.count[ti] >= HISTORY:
                 self.history[ti, :-1] = self.history[ti, 1:].clone()
                 self.history[ti, -1] = li
@@ -58,7 +62,7 @@ class LossSecondMoment:
     def load(self, state: dict[str, Tensor]) -> None:
         history, count = state["importance.history"], state["importance.count"]
         if tuple(history.shape) != (self.T, HISTORY) or tuple(count.shape) != (self.T,):
-            raise ValueError(f"importance-sampling state has shapes {list(history.shape)}, {list(count.shape)}, "
+            raise ToolkitError(f"importance-sampling state has shapes {list(history.shape)}, {list(count.shape)}, "
                              f"expected [{self.T}, {HISTORY}] and [{self.T}]")
         self.history = history.to(torch.float64).clone()
         self.count = count.to(torch.int64).clone()

@@ -97,6 +97,10 @@ class Inpaint:
 
         from toolkit.sampling import Plan, as_v2
 
+        if getattr(self.base, "rebuilds_x_from_history", False):
+            raise ToolkitError(f"sampler {self.name!r} rebuilds x from its own history at every step, so the known "
+                               "region injected between steps would be lost: inpaint with ddim, ddpm, dpmpp-2m, heun "
+                               "or euler-a")
         base = as_v2(self.base).plan(schedule, steps)
         n = len(base)
         if n < 1:

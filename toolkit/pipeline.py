@@ -415,9 +415,12 @@ def compose(
     if latent is not None or config.get("latent"):
         latent_obj, sampler_obj = _paired_latent(latent, config, predictor, sampler_obj, "clip_x0" in options, device,
                                                  "clip_range" in options)
-    elif config.get("sampling", {}).get("clip_x0") is False and "clip_x0" not in options \
-            and optional.clip_x0(sampler_obj) and attrs.has(type(sampler_obj)):
-        sampler_obj = attrs.evolve(sampler_obj, clip_x0=False)  # e.g. a diffusers scheduler with clip_sample = false
+    elif attrs.has(type(sampler_obj)):  # defaults the checkpoint implies, e.g. a diffusers scheduler's clip_sample
+        fields = attrs.fields_dict(type(sampler_obj))
+        implied = {k: v for k, v in config.get("sampling", {}).items()
+                   if k not in options and k in fields and fields[k].init}
+        if implied:
+            sampler_obj = attrs.evolve(sampler_obj, **implied)
     if schedule is None:
         if train_schedule is None:
             raise ToolkitError("schedule is required for a model given as an object")

@@ -126,8 +126,10 @@ def check_training_state(state: dict[str, Any], params: list[Any]) -> None:
         if key in ("importance.history", "importance.count"):  # --importance-sampling's loss history
             if value.ndim not in (1, 2) or (key == "importance.count") == value.dtype.is_floating_point:
                 raise ToolkitError(f"{key} has the wrong type or shape: {value.dtype} {list(value.shape)}")
-            if bool((value < 0).any()) or (value.dtype.is_floating_point and not bool(torch.isfinite(value).all())):
-                raise ToolkitError(f"{key} holds negative or non-finite values")
+            if value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):  # L_0 may be negative
+                raise ToolkitError(f"{key} holds non-finite values")
+            if not value.dtype.is_floating_point and bool((value < 0).any()):
+                raise ToolkitError(f"{key} holds negative counts")
             continue
         match = _OPTIM_KEY.match(key)
         if match is None:

@@ -75,6 +75,9 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
             raise ToolkitError(f"--onnx takes the model, sampler and guidance from the graph: drop --{given[0].replace('_', '-')}")
         if noise_file is not None or strength is not None:
             raise ToolkitError("--noise and --strength sample with the torch backend: drop --onnx")
+        if resample is not None or jump is not None:
+            raise ToolkitError("an inpainting graph has its resample and jump built in (export onnx --task inpaint "
+                               "--resample --jump): drop them here")
         _compose_onnx(onnx_file, class_, n, seed, batch_size, out, device, scale, threads, init_file, mask)
         return
     if resample is not None or jump is not None:
