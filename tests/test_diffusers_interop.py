@@ -176,6 +176,9 @@ def test_fixed_large_variance_and_other_t_map_both_ways(folders, tmp_path):
     config["variance_type"] = "fixed_large"
     (large / "scheduler_config.json").write_text(json.dumps(config))
     assert toolkit.compose(model=large, sampler="ddpm", steps=5).sampler.variance == "beta"  # diffusers' σ² = β
+    short = toolkit.compose(model=large, sampler="ddim", steps=5, num_timesteps=250)  # its own schedule at another T
+    want = toolkit.create("schedule", "diffusers", num_timesteps=250, beta_schedule="squaredcos_cap_v2")
+    assert torch.equal(short.schedule.alphas_cumprod, want.alphas_cumprod)
     assert toolkit.compose(model=large, sampler="ddpm", steps=5, variance="posterior").sampler.variance == "posterior"
     # the toolkit's linear schedule at T = 500 (both ends scaled by 1000/T) is written as its betas
     sched = DDPMScheduler.from_config(scheduler_config({"name": "linear", "options": {"num_timesteps": 500}}, "epsilon",

@@ -427,7 +427,14 @@ def compose(
         schedule = train_schedule if num_timesteps is None and not schedule_options else train_schedule.name
     if isinstance(schedule, str):
         T = num_timesteps or (train_schedule.num_timesteps if train_schedule is not None else 1000)
-        schedule = create("schedule", schedule, num_timesteps=T, **(schedule_options or {}))
+        recorded: dict[str, Any] = {}
+        spec = config.get("schedule")
+        if train_schedule is not None and schedule == train_schedule.name and isinstance(spec, dict):
+            from toolkit.checkpoint import qualified  # the model's own schedule at another T: keep its options
+
+            schedule, recorded = qualified(spec), {k: v for k, v in spec.get("options", {}).items()
+                                                   if k != "num_timesteps"}
+        schedule = create("schedule", schedule, **{**recorded, "num_timesteps": T, **(schedule_options or {})})
     if guidance_obj is not None:
         _check_guidance(guidance_obj, predictor, latent_obj, train_schedule or schedule)
     if steps is None:
