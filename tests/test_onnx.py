@@ -257,8 +257,8 @@ def test_onnx_app_runs_without_torch(graphs, tmp_path):
 def test_solver_metadata_records_every_option(graphs):
     pipe, path = graphs["dpmpp2m10"]
     meta = {p.key: p.value for p in onnx.load(path).metadata_props}
-    assert json.loads(meta["sampler_options"]) == {"order": 2, "clip_x0": True, "spacing": "logsnr",
-                                                   "default_steps": 20}
+    assert json.loads(meta["sampler_options"]) == {"order": 2, "clip_x0": True, "threshold": 0.0, "clip_range": 1.0,
+                                                   "spacing": "logsnr", "default_steps": 20}
     assert (meta["plugin_api"], meta["iterations"], meta["nfe"], meta["noise_slots"]) == ("2", "10", "10", "0")
     assert [d.dim_param or d.dim_value for d in onnx.load(path).graph.input[1].type.tensor_type.shape.dim] == \
         ["batch"]
