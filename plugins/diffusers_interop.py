@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from toolkit.errors import CheckpointError, ToolkitError
+from toolkit.files import umask_mode
 from toolkit.hookspecs import hookimpl
 
 INSTALL = "pip install 'diffusion-toolkit[diffusers]'"
@@ -380,18 +381,13 @@ def to_diffusers(run: str, out: str) -> Path:
     try:  # written beside, then renamed: OUT is whole or absent
         DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(tmp, safe_serialization=True)
         (tmp / "README.md").write_text(model_card(ckpt, run))
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, umask_mode(0o777))
         os.rename(tmp, out_path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_path
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def model_card(ckpt, run: str) -> str:
