@@ -298,7 +298,12 @@ def option_names(kind: str, name: str) -> list[str] | None:
         return None
     if any(p.kind == p.VAR_KEYWORD for p in params):
         return None
-    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if normalize_kind(kind) == "schedule":
+        from toolkit.schedule import SCHEDULE_WRAPPER_OPTIONS
+
+        names += [n for n in SCHEDULE_WRAPPER_OPTIONS if n not in names]  # the toolkit applies these to any schedule
+    return names
 
 
 def create(kind: str, name: str, **kwargs: Any) -> Any:
@@ -307,6 +312,12 @@ def create(kind: str, name: str, **kwargs: Any) -> Any:
 
     kind = normalize_kind(kind)
     entry = get_registry().lookup(kind, name)
+    zero_snr = False
+    if kind == "schedule" and "zero_terminal_snr" in kwargs:  # a rescale of any schedule, not the plugin's option
+        from toolkit.schedule import has_zero_terminal_snr
+
+        kwargs = dict(kwargs)
+        zero_snr = has_zero_terminal_snr({"zero_terminal_snr": kwargs.pop("zero_terminal_snr")})
     try:
         inspect.signature(entry.factory).bind(**kwargs)
     except TypeError as exc:
@@ -339,6 +350,10 @@ def create(kind: str, name: str, **kwargs: Any) -> Any:
                 f"{kind} {entry.name!r} from {entry.dist} does not follow the {protocol.__name__} "
                 f"protocol: missing {', '.join(missing)}"
             )
+    if zero_snr:
+        from toolkit.schedule import rescale_zero_terminal_snr
+
+        obj = rescale_zero_terminal_snr(obj)
     return obj
 
 

@@ -75,3 +75,46 @@ def schedule_from_alphas_cumprod(name: str, alphas_cumprod, max_beta: float = 0.
     a = _float64(alphas_cumprod)
     prev = torch.cat([torch.ones(1, dtype=torch.float64), a[:-1]])
     return BetaSchedule(name=name, betas=torch.clamp(1.0 - a / prev, max=max_beta))
+
+
+# ᾱ_T after the zero-terminal-SNR rescale: diffusers' floor 2⁻²⁴ (or half of ᾱ_(T-1) where that is lower, as on a
+# rescaled linear schedule), so λ_T stays finite and float32 can still form x̂_0 = (x − σε)/α. The SNR at T is then
+# at most 6·10⁻⁸ (cosine's own, after its β clip, is 2.4·10⁻⁹; linear's 4·10⁻⁵).
+ZERO_SNR_ALPHA_BAR = 2.0**-24
+SCHEDULE_WRAPPER_OPTIONS = ("zero_terminal_snr",)
+
+
+def rescale_zero_terminal_snr(schedule) -> BetaSchedule:
+    """Any schedule with zero terminal SNR (Lin et al. 2024, Algorithm 1): √ᾱ shifted and scaled so that
+    √ᾱ_T = 0 while √ᾱ_0 is kept; ᾱ_T is then set to min(``ZERO_SNR_ALPHA_BAR``, ᾱ_(T-1)/2). Train it with v-prediction:
+    at SNR 0 the model's input holds no signal, so ε is x_T itself and an ε-model cannot give x̂_0."""
+    T = int(schedule.num_timesteps)
+    if T < 2:
+        raise ToolkitError("zero_terminal_snr needs a schedule of at least 2 timesteps")
+    s = _float64(schedule.alphas_cumprod).sqrt()
+    s0, sT = s[0].item(), s[-1].item()
+    s = (s - sT) * (s0 / (s0 - sT))
+    a = s**2
+    a[-1] = min(ZERO_SNR_ALPHA_BAR, a[-2].item() / 2)
+    if not bool((a[1:] < a[:-1]).all()) or not a[-1].item() > 0:
+        raise ToolkitError(f"schedule {schedule.name!r} cannot be rescaled to zero terminal SNR: its ᾱ is not "
+                           "strictly decreasing after rescaling")
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), a[:-1]])
+    return BetaSchedule(name=schedule.name, betas=1.0 - a / prev)
+
+
+def parse_flag(name: str, value) -> bool:
+    """A boolean option given as True/False or as text ("true"/"false"/"1"/"0")."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ToolkitError(f"{name} must be true or false, not {value!r}")
+
+
+def has_zero_terminal_snr(options: dict | None) -> bool:
+    """Whether schedule options ask for the zero-terminal-SNR rescale."""
+    return parse_flag("zero_terminal_snr", (options or {}).get("zero_terminal_snr", False))

@@ -66,7 +66,9 @@ class TrainConfig:
     model_options: dict[str, Any] = field(factory=dict)
     schedule: str = "cosine"
     num_timesteps: int = field(default=1000, validator=_count(limits.MAX_TIMESTEPS))
-    prediction: str = "epsilon"
+    # None: v (Salimans & Ho 2022) for latent models and zero-terminal-SNR schedules (L_simple), where x̂_0 from ε divides ε's
+    # error by √ᾱ ≈ 0 at high noise (Lin et al. 2024); ε otherwise (Ho et al.)
+    prediction: str | None = field(default=None, validator=validators.optional(validators.in_(("epsilon", "v", "x0"))))
     loss: str = field(default="simple", validator=validators.in_(("simple", "hybrid", "vlb")))
     importance_sampling: bool = False  # t drawn ∝ √E[L_t²] (Improved DDPM §3.3), for the vlb and hybrid losses
     learned_variance: bool = False
@@ -84,6 +86,23 @@ class TrainConfig:
     holdout: float = field(default=0.0, validator=_unit)  # data kept out: held-out accuracy (classifiers) or loss
     sample_every: int = field(default=0, validator=_count(low=0))  # steps between preview grids (0: none)
     latent: str | None = None  # autoencoder checkpoint: train on its (scaled) latents of the data
+    schedule_options: dict[str, Any] = field(factory=dict)  # e.g. {"zero_terminal_snr": True} (any schedule)
+
+    def __attrs_post_init__(self) -> None:
+        from toolkit.schedule import has_zero_terminal_snr
+
+        if "num_timesteps" in self.schedule_options:
+            raise ToolkitError("give T as --num-timesteps, not as a schedule option")
+        zero_snr = has_zero_terminal_snr(self.schedule_options)
+        if self.prediction is None:
+            v = (zero_snr or bool(self.latent)) and self.loss == "simple"  # L_vlb's terms are written for ε
+            object.__setattr__(self, "prediction", "v" if v else "epsilon")
+        if zero_snr and self.loss != "simple":
+            raise ToolkitError(f"--loss {self.loss} is written for ε-prediction, which a zero-terminal-SNR schedule rules "
+                               "out: use --loss simple with --prediction v")
+        if zero_snr and self.prediction == "epsilon":
+            raise ToolkitError("a zero-terminal-SNR schedule needs --prediction v (or x0): at SNR 0 the input holds no "
+                               "signal, so ε is x_T itself and x̂_0 cannot be formed from it (Lin et al. 2024)")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -240,7 +259,12 @@ class TrainLoop:
                 check_pairing(resumed.saved, self.latent)
             self.pixels, data = data, encode_dataset(self.latent, data, device)  # once, kept in memory
         self.data = data
-        self.schedule = create("schedule", config.schedule, num_timesteps=config.num_timesteps)
+        pixels = self.pixels if self.latent is not None else data
+        # images live in [-1, 1]; standardized vectors (moons, swissroll) have no fixed range: null, and samplers
+        # then leave x̂_0 unguarded (a clip to ±1 would cut the data off)
+        self.data_range = [-1, 1] if float(pixels.x.abs().max()) <= 1 + 1e-6 else None
+        self.schedule = create("schedule", config.schedule, num_timesteps=config.num_timesteps,
+                               **config.schedule_options)
         torch.manual_seed(config.seed)
         if config.holdout > 0 and task.network_kind == "latent":
             raise ToolkitError("--holdout applies to noise predictors, classifiers and feature networks")
@@ -393,10 +417,11 @@ class TrainLoop:
             "kind": config.task,
             "toolkit_version": __version__,
             "model": {**self.recorded["model"], "options": self.model_options},
-            "schedule": {**self.recorded["schedule"], "options": {"num_timesteps": config.num_timesteps}},
+            "schedule": {**self.recorded["schedule"], "options": {**config.schedule_options,
+                                                                   "num_timesteps": config.num_timesteps}},
             "data": {"dataset": config.dataset, "options": config.dataset_options, "name": data.name,
                      "shape": list(data.sample_shape), "num_classes": data.num_classes, "levels": data.levels,
-                     "range": [-1, 1], "class_names": list(data.class_names) if data.class_names else None},
+                     "range": self.data_range, "class_names": list(data.class_names) if data.class_names else None},
             "training": {"step": step, "config": config.to_json(), "loss": loss, "parameters": self.params,
                          "elapsed_s": round(elapsed, 2), "world_size": self.world.size, "precision": self.precision,
                          "command": history[0] if history else command,

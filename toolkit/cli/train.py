@@ -10,14 +10,15 @@ from toolkit.cli.base import cli
 from toolkit.cli.common import command_line, dataset_arg, parse_options, progress_bar, train_options
 
 
-def run_training(task: str, dataset, data_options, model, model_options, schedule, num_timesteps, steps,
-                 batch_size, lr, weight_decay, ema_decay, grad_clip, seed, checkpoint_every, out, resume,
+def run_training(task: str, dataset, data_options, model, model_options, schedule, schedule_options, num_timesteps,
+                 steps, batch_size, lr, weight_decay, ema_decay, grad_clip, seed, checkpoint_every, out, resume,
                  overwrite, device, quiet, precision="fp32", compile_=False, log=None, **extra) -> None:
     from toolkit.training import TrainConfig, train
 
     name, dopts = dataset_arg(dataset, parse_options(data_options, "--data-option"))
     config = TrainConfig(task=task, dataset=name, dataset_options=dopts, model=model,
                          model_options=parse_options(model_options, "--model-option"), schedule=schedule,
+                         schedule_options=parse_options(schedule_options, "--schedule-option"),
                          num_timesteps=num_timesteps, steps=steps, batch_size=batch_size, lr=lr,
                          weight_decay=weight_decay, ema_decay=ema_decay, grad_clip=grad_clip, seed=seed,
                          checkpoint_every=checkpoint_every, **extra)
@@ -43,7 +44,9 @@ def run_training(task: str, dataset, data_options, model, model_options, schedul
 
 @cli.command("train")
 @train_options("unet", 4000)
-@click.option("--prediction", type=click.Choice(["epsilon", "v", "x0"]), default="epsilon", show_default=True)
+@click.option("--prediction", type=click.Choice(["epsilon", "v", "x0"]), default=None,
+              help="What the network predicts [default: v for --latent and zero-terminal-SNR schedules (Salimans & Ho; "
+                   "Lin et al.), epsilon otherwise].")
 @click.option("--loss", type=click.Choice(["simple", "hybrid", "vlb"]), default="simple", show_default=True,
               help="L_simple (Ho et al.), L_hybrid = L_simple + 0.001·L_vlb, or L_vlb alone (Nichol & Dhariwal; "
                    "hybrid and vlb need --learn-variance).")
