@@ -21,6 +21,11 @@ def _non_negative(instance, attribute, value) -> None:
         raise ToolkitError(f"guidance scale must not be negative (or NaN), got {value}")
 
 
+def _unit(instance, attribute, value) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ToolkitError(f"cfg {attribute.name} φ must lie in [0, 1], got {value}")
+
+
 def _per_sample(scale: Tensor | float, like: Tensor) -> Tensor:
     s = torch.as_tensor(scale, dtype=like.dtype, device=like.device).reshape(-1)
     if s.numel() == 1:
@@ -53,12 +58,29 @@ class _Wrapped:
         return self.inner.sample_shape
 
 
+def _std(x: Tensor) -> Tensor:
+    """Each sample's standard deviation over its values (unbiased, as torch.std), shaped [B, 1, ...]."""
+    dims = tuple(range(1, x.ndim))
+    n = x[0].numel()
+    centred = x - x.mean(dim=dims, keepdim=True)
+    return (centred.square().sum(dim=dims, keepdim=True) / max(n - 1, 1)).sqrt()
+
+
+def rescale_guided(guided: Tensor, cond: Tensor, phi: float) -> Tensor:
+    """CFG rescale (Lin et al. 2024, §3.4): x_rescaled = x_cfg·std(x_pos)/std(x_cfg), then
+    φ·x_rescaled + (1 − φ)·x_cfg; brings the guided output's spread back to the conditional one's (no overexposure)."""
+    rescaled = guided * (_std(cond) / _std(guided).clamp(min=1e-12))
+    return phi * rescaled + (1 - phi) * guided
+
+
 @define
 class CFGPredictor(_Wrapped):
     scale: Tensor | float = 0.0
+    rescale: float = 0.0
 
     def __call__(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        """ε̄ = (w+1)·ε(x_t, t, y) − w·ε(x_t, t, ∅): conditional and null rows in one batched forward."""
+        """ε̄ = (w+1)·ε(x_t, t, y) − w·ε(x_t, t, ∅): conditional and null rows in one batched forward; in the
+        model's own output (ε, or v as in Lin et al.), then rescaled by φ = ``rescale`` when φ > 0."""
         K = self.inner.num_classes
         if y is None:
             raise ToolkitError("classifier-free guidance needs class labels (--class)")
@@ -69,14 +91,18 @@ class CFGPredictor(_Wrapped):
         C = x_t.shape[1]
         w = _per_sample(self.scale, x_t)
         guided = (w + 1) * cond[:, :C] - w * uncond[:, :C]
+        if self.rescale > 0:
+            guided = rescale_guided(guided, cond[:, :C], self.rescale)
         return torch.cat([guided, cond[:, C:]], dim=1) if cond.shape[1] > C else guided
 
 
 @define(frozen=True)
 class ClassifierFree:
-    """cfg: classifier-free guidance with weight w (w = 0: plain conditional sampling)."""
+    """cfg: classifier-free guidance with weight w (w = 0: plain conditional sampling); ``rescale`` φ in [0, 1] is
+    Lin et al.'s CFG rescale (0: off; they use 0.7 with zero-terminal-SNR models)."""
 
     scale: float = field(default=3.0, converter=float, validator=_non_negative)
+    rescale: float = field(default=0.0, converter=float, validator=_unit)
     name: str = field(default="cfg", init=False)
 
     def check(self, predictor: NoisePredictor, train_schedule=None) -> None:
@@ -89,7 +115,7 @@ class ClassifierFree:
 
     def wrap(self, predictor: NoisePredictor, scale: Tensor | float | None = None) -> NoisePredictor:
         self.check(predictor)
-        return CFGPredictor(predictor, self.scale if scale is None else scale)
+        return CFGPredictor(predictor, self.scale if scale is None else scale, self.rescale)
 
 
 @define

@@ -129,6 +129,8 @@ def train_options(default_model: str, default_steps: int, lr: float = 1e-3, ema_
         click.option("--model-option", "model_options", multiple=True, metavar="KEY=VALUE",
                      help="Architecture option, e.g. base_channels=32 or channel_mult=[1,2]."),
         click.option("--schedule", default="cosine", show_default=True),
+        click.option("--schedule-option", "schedule_options", multiple=True, metavar="KEY=VALUE",
+                     help="Schedule option (repeatable), e.g. zero_terminal_snr=true (Lin et al. 2024; any schedule)."),
         click.option("--num-timesteps", "-T", default=1000, show_default=True, type=int),
         click.option("--steps", default=default_steps, show_default=True, type=int, help="Total optimizer steps."),
         click.option("--batch-size", default=128, show_default=True, type=int),
@@ -173,7 +175,16 @@ def pipeline_options():
                           "(0: unconditional)."),
         click.option("--classifier", default=None,
                      help="Classifier checkpoint for --guidance classifier (default: shipped)."),
+        click.option("--guidance-option", "guidance_option", multiple=True, metavar="KEY=VALUE", expose_value=False,
+                     callback=_keep_guidance_options,
+                     help="Any other guidance option (repeatable), e.g. rescale=0.7 (cfg: Lin et al.'s CFG rescale φ)."),
     ])
+
+
+def _keep_guidance_options(ctx: click.Context, param, value) -> None:
+    """--guidance-option is read by ``sampler_and_guidance_options`` from the context (every command that composes a
+    pipeline gets it without one more parameter)."""
+    ctx.meta["guidance_options"] = parse_options(value, "--guidance-option") if value else {}
 
 
 def backend_options():
@@ -249,7 +260,10 @@ def sampler_and_guidance_options(sampler_options, eta, spacing, variance, guidan
     for key, value in (("eta", eta), ("spacing", spacing), ("variance", variance)):
         if value is not None:
             options[key] = value
-    guidance_options: dict[str, Any] = {}
+    ctx = click.get_current_context(silent=True)
+    guidance_options: dict[str, Any] = dict(ctx.meta.get("guidance_options", {})) if ctx is not None else {}
+    if guidance_options and guidance is None:
+        raise ToolkitError("--guidance-option needs --guidance")
     if scale is not None:
         if guidance is None:
             raise ToolkitError("--scale needs --guidance")
