@@ -370,7 +370,7 @@ def _loop(onnx, parts: _StepParts, init_state: list[str], nodes: list, batch_dim
 
 def _sampler_model(step_model, iterations: int, draws: int, inputs: list[str], sample_shape: tuple[int, ...],
                    layout: str, init_model=None, decoder=None, output_shape: tuple[int, ...] | None = None,
-                   num_classes: int | None = None):
+                   num_classes: int | None = None, value_range: tuple[float, float] | None = (-1.0, 1.0)):
     """The whole run as one ONNX model from the one-step model (inputs x, i[, noise, labels, scale],
     state...; outputs x_prev, state...): the initial state from x_T (``init_model``), then an ONNX Loop
     (or unrolled copies) carrying (x, *state), then a latent pipeline's decoder (input z).
@@ -412,9 +412,13 @@ def _sampler_model(step_model, iterations: int, draws: int, inputs: list[str], s
         nodes += dec_nodes
         final = dec_outs[0]
     out_dims: list[Any] = ["batch", *(output_shape or sample_shape)]
-    nodes.append(helper.make_node("Constant", [], ["lo"], value=helper.make_tensor("lo_v", TensorProto.FLOAT, [], [-1.0])))
-    nodes.append(helper.make_node("Constant", [], ["hi"], value=helper.make_tensor("hi_v", TensorProto.FLOAT, [], [1.0])))
-    nodes.append(helper.make_node("Clip", [final, "lo", "hi"], ["x0"]))
+    if value_range is not None:  # images: clamped to [-1, 1], as the torch pipeline returns them
+        lo, hi = value_range
+        nodes.append(helper.make_node("Constant", [], ["lo"], value=helper.make_tensor("lo_v", TensorProto.FLOAT, [], [lo])))
+        nodes.append(helper.make_node("Constant", [], ["hi"], value=helper.make_tensor("hi_v", TensorProto.FLOAT, [], [hi])))
+        nodes.append(helper.make_node("Clip", [final, "lo", "hi"], ["x0"]))
+    else:
+        nodes.append(helper.make_node("Identity", [final], ["x0"]))
     graph = helper.make_graph(nodes, "sampler", _graph_inputs(inputs, iterations, draws, batch_dims),
                               [helper.make_tensor_value_info("x0", TensorProto.FLOAT, out_dims)],
                               initializer=initializers)
@@ -471,13 +475,14 @@ def sampler_metadata(pipeline: Pipeline, layout: str, inputs: list[str], plan: A
         "stochastic": plan.draws_per_step > 0,
         "sample_shape": list(pipeline.sample_shape),
         "output_shape": list(pipeline.output_shape),
-        "value_range": [-1, 1],
+        "value_range": list(pipeline.value_range) if pipeline.value_range is not None else None,
         "num_classes": pipeline.num_classes,
         "null_label": pipeline.num_classes,
         "class_names": data.get("class_names"),
         "dataset": data.get("name"),
         "guidance": guidance.name if guidance is not None else None,
         "guidance_scale": optional.option(guidance, "scale") if guidance is not None else None,
+        "guidance_options": sampler_options(guidance) if guidance is not None else None,
         "model": pipeline.config.get("model", {}).get("name"),
         "layout": layout,
         "inputs": inputs,
@@ -574,7 +579,7 @@ def export_sampler(pipeline: Pipeline, path: str | os.PathLike, *, layout: str =
         decoder = _to_onnx(DecoderGraph(pipeline.latent).eval(), (torch.randn(b, *shape),), ["z"], ({0: B},), "x",
                            "the latent decoder")
     model = _sampler_model(step_model, step.iterations, step.draws, inputs, shape, layout, init_model, decoder,
-                           pipeline.output_shape, pipeline.num_classes)
+                           pipeline.output_shape, pipeline.num_classes, pipeline.value_range)
     meta = sampler_metadata(pipeline, layout, inputs, step.plan)
     meta["task"] = json.dumps(task)
     if wrapper is not None:

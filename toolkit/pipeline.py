@@ -84,6 +84,13 @@ class Pipeline:
         return tuple(self.latent.data_shape) if self.latent is not None else self.sample_shape
 
     @property
+    def value_range(self) -> tuple[float, float] | None:
+        """The range samples are clamped to: (-1, 1) for images; None for data with no fixed range (its checkpoint
+        records data.range null, e.g. standardized 2-D toys), whose samples are returned as they come."""
+        data = (self.config or {}).get("data") or {}
+        return None if "range" in data and data["range"] is None else (-1.0, 1.0)
+
+    @property
     def num_classes(self) -> int | None:
         """Labels accepted: the guidance's (a classifier's classes) or the predictor's."""
         if optional.guidance_classes(self.guidance) is not None:
@@ -309,7 +316,7 @@ class Pipeline:
                 x0 = self.latent.decode(x0)
             if not torch.isfinite(x0).all():
                 raise ToolkitError("sampling produced NaN or infinite values")
-            yield x0.clamp(-1, 1).cpu()
+            yield (x0.clamp(*self.value_range) if self.value_range is not None else x0).cpu()
 
 
 def _resolve(kind: str, obj: Any, **options: Any) -> Any:
@@ -338,6 +345,23 @@ def load_predictor(model: Any, device: torch.device | str = "cpu"
     if isinstance(model, nn.Module):
         model.to(device).eval()
     return model, None, {}
+
+
+def _unbounded_data(config: dict[str, Any], sampler: Sampler, options: dict[str, Any]) -> Sampler:
+    """A model of data with no fixed range (its checkpoint records data.range null: standardized vectors such as
+    moons): x̂_0 is left unguarded by default, and a clip or threshold asked for without a clip_range is refused."""
+    data = config.get("data") or {}
+    if "range" not in data or data["range"] is not None:
+        return sampler  # images in [-1, 1] (older checkpoints record no range: they are images)
+    fields = attrs.fields_dict(type(sampler))
+    if "clip_range" in options:
+        return sampler  # the user chose a range for the guard
+    name = data.get("name") or "its data"
+    asked = [k for k in ("clip_x0", "threshold") if k in options and k in fields and getattr(sampler, k)]
+    if asked:
+        raise ToolkitError(f"{asked[0]} guards x̂_0 to a range, but this model's data ({name}) has none (its values are "
+                           "not confined to [-1, 1]): leave the guard off, or give clip_range=R")
+    return attrs.evolve(sampler, clip_x0=False) if "clip_x0" in fields and getattr(sampler, "clip_x0") else sampler
 
 
 def _paired_latent(latent: Any, config: dict[str, Any], predictor: NoisePredictor, sampler: Sampler,
@@ -416,6 +440,7 @@ def compose(
         latent_obj, sampler_obj = _paired_latent(latent, config, predictor, sampler_obj, "clip_x0" in options, device,
                                                  "clip_range" in options)
     elif attrs.has(type(sampler_obj)):  # defaults the checkpoint implies, e.g. a diffusers scheduler's clip_sample
+        sampler_obj = _unbounded_data(config, sampler_obj, options)
         fields = attrs.fields_dict(type(sampler_obj))
         implied = {k: v for k, v in config.get("sampling", {}).items()
                    if k not in options and k in fields and fields[k].init}
