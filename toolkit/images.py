@@ -50,7 +50,7 @@ def _layout(n: int, shape: tuple[int, ...], nrow: int | None, scale: int | None 
 
 
 SCATTER_SIZE = 512  # pixels of a scatter plot of 2-D samples
-SCATTER_RANGE = 1.1  # the plot shows [-1.1, 1.1]²: samples lie in [-1, 1]
+SCATTER_RANGE = 1.1  # the least the plot shows: [-1.1, 1.1]² (images-range data lies in [-1, 1])
 
 
 def is_points(shape: tuple[int, ...]) -> bool:
@@ -59,19 +59,22 @@ def is_points(shape: tuple[int, ...]) -> bool:
 
 
 def scatter(points: Tensor | np.ndarray, size: int = SCATTER_SIZE) -> np.ndarray:
-    """[N, 2] points in [-1, 1] → a uint8 RGB scatter plot [size, size, 3] (y up), with the axes through 0."""
+    """[N, 2] points → a uint8 RGB scatter plot [size, size, 3] (y up), with the axes through 0 and the square
+    [-1, 1]² outlined; the plot spans ±max(1.1, 1.05·max |coordinate|), so data with no fixed range stays in view."""
     from PIL import Image, ImageDraw
 
     p = np.asarray(points.detach().cpu() if isinstance(points, Tensor) else points, dtype=np.float64).reshape(-1, 2)
     img = Image.new("RGB", (size, size), "white")
     draw = ImageDraw.Draw(img)
-    to_px = lambda v: (v + SCATTER_RANGE) / (2 * SCATTER_RANGE) * (size - 1)  # noqa: E731
+    finite = p[np.isfinite(p).all(1)]
+    span = max(SCATTER_RANGE, 1.05 * float(np.abs(finite).max())) if len(finite) else SCATTER_RANGE
+    to_px = lambda v: (v + span) / (2 * span) * (size - 1)  # noqa: E731
     mid = to_px(0.0)
     draw.line([(0, mid), (size - 1, mid)], fill=(205, 205, 205))
     draw.line([(mid, 0), (mid, size - 1)], fill=(205, 205, 205))
     draw.rectangle([to_px(-1), to_px(-1), to_px(1), to_px(1)], outline=(160, 160, 160))
     r = max(1, size // 256)
-    for x, y in p[np.isfinite(p).all(1)]:
+    for x, y in finite:
         px, py = to_px(x), size - 1 - to_px(y)
         draw.ellipse([px - r, py - r, px + r, py + r], fill=(31, 90, 170))
     return np.asarray(img)
