@@ -11,6 +11,7 @@ import torch
 from attrs import Converter, define, field
 from torch import Tensor
 
+from toolkit import limits
 from toolkit.errors import ToolkitError
 from toolkit.hookspecs import hookimpl
 from toolkit.protocols import ModelFn, Schedule
@@ -19,14 +20,7 @@ from toolkit.sampling import SPACINGS, Plan, grid, log_snr_at, alpha_sigma, spli
 
 def _flag(value, field) -> bool:
     """A boolean option: True/False, or "true"/"false"/"1"/"0" in any case (a bare "False" is not true)."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes"):
-        return True
-    if text in ("false", "0", "no"):
-        return False
-    raise ToolkitError(f"{field.name} must be true or false, not {value!r}")
+    return limits.flag(field.name, value)
 
 
 flag = Converter(_flag, takes_field=True)

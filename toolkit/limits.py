@@ -37,6 +37,18 @@ def number(name: str, value: Any, low: float = -math.inf, high: float = math.inf
     return float(value)
 
 
+def flag(name: str, value: Any) -> bool:
+    """A boolean option given as True/False or as text: "true"/"false", "1"/"0", "yes"/"no" in any case."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ToolkitError(f"{name} must be true or false, not {value!r}")
+
+
 def classes(value: Any, name: str = "num_classes") -> int | None:
     """None (unconditional) or a class count in 1..MAX_CLASSES."""
     return None if value is None else integer(name, value, 1, MAX_CLASSES)

@@ -6,6 +6,7 @@ import torch
 from attrs import define, field
 from torch import Tensor
 
+from toolkit import limits
 from toolkit.errors import ToolkitError
 
 
@@ -103,18 +104,6 @@ def rescale_zero_terminal_snr(schedule) -> BetaSchedule:
     return BetaSchedule(name=schedule.name, betas=1.0 - a / prev)
 
 
-def parse_flag(name: str, value) -> bool:
-    """A boolean option given as True/False or as text ("true"/"false"/"1"/"0")."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes"):
-        return True
-    if text in ("false", "0", "no"):
-        return False
-    raise ToolkitError(f"{name} must be true or false, not {value!r}")
-
-
 def has_zero_terminal_snr(options: dict | None) -> bool:
     """Whether schedule options ask for the zero-terminal-SNR rescale."""
-    return parse_flag("zero_terminal_snr", (options or {}).get("zero_terminal_snr", False))
+    return limits.flag("zero_terminal_snr", (options or {}).get("zero_terminal_snr", False))
