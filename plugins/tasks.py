@@ -43,6 +43,9 @@ class NoisePredictorTask:
             raise ToolkitError(f"--loss {config.loss} trains the variance through L_vlb: add --learn-variance")
         if config.loss in ("hybrid", "vlb") and config.prediction != "epsilon":
             raise ToolkitError(f"--loss {config.loss} needs --prediction epsilon")
+        if config.learned_variance and config.loss == "simple":
+            raise ToolkitError("--learn-variance trains Σ through L_vlb, which L_simple leaves out (an untrained Σ would "
+                               "drive ddpm): use --loss hybrid or vlb, with --prediction epsilon")
         if config.importance_sampling and config.loss == "simple":
             raise ToolkitError("--importance-sampling samples t by L_vlb: use it with --loss vlb or hybrid")
         options = dict(config.model_options)

@@ -65,6 +65,15 @@ def test_options_that_do_not_combine_with_zero_snr(tmp_path, args, pattern):
     assert not out.exists()
 
 
+def test_a_learned_variance_needs_the_loss_that_trains_it(tmp_path):
+    """Σ is trained through L_vlb only, and L_vlb is written for ε: v or L_simple with --learn-variance is refused."""
+    for args, pattern in ((["--prediction", "v"], "--learn-variance trains Σ through L_vlb"),
+                          ([], "--learn-variance trains Σ through L_vlb"),
+                          (["--prediction", "v", "--loss", "hybrid"], "needs --prediction epsilon")):
+        one_line_error(run("train", "--steps", 1, "--learn-variance", "--out", tmp_path / "m", *args), pattern)
+        assert not (tmp_path / "m").exists()
+
+
 class ConstantV(torch.nn.Module):
     """A v-model that predicts v = c everywhere: at SNR 0, x̂_0 = α x − σ v = −c."""
 
