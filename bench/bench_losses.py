@@ -1,15 +1,19 @@
 """The three losses of Improved DDPM on digits with the same budget (Nichol & Dhariwal's Table, in direction):
 L_simple (fixed Σ = β̃), L_hybrid (learned Σ), L_vlb with uniform t and L_vlb with importance-sampled t (learned Σ),
 each trained here with the same recipe (steps, batch, lr, EMA, seed; the shipped digits model's), then the
-variational bound in bits/dim on the same data points. Adds "loss_table" to bench/results/improved_ddpm.json.
+variational bound in bits/dim on the same data points. Adds "loss_table" (4000 steps) or "loss_table_STEPS" to
+bench/results/improved_ddpm.json.
 
-    python bench/bench_losses.py [--steps 4000] [--limit 512]
+    python bench/bench_losses.py [--steps 4000] [--limit 512] [--resume-from 4000]
+
+--resume-from S continues each run's cached S-step checkpoint to --steps (exact resume: the same weights as one run).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -32,6 +36,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--limit", type=int, default=512, help="data points for bits/dim")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resume-from", type=int, default=None, help="continue the cached runs of this many steps")
     args = ap.parse_args()
     torch.set_num_threads(2)
     CACHE.mkdir(exist_ok=True)
@@ -41,8 +46,13 @@ def main() -> None:
         out = CACHE / f"losses-{tag}-{args.steps}-seed{args.seed}"
         t0 = time.perf_counter()
         if not (out / "model.safetensors").is_file():
+            start = CACHE / f"losses-{tag}-{args.resume_from}-seed{args.seed}"
+            resume = args.resume_from is not None and (start / "training_state.safetensors").is_file()
+            if resume:
+                shutil.rmtree(out, ignore_errors=True)
+                shutil.copytree(start, out)
             train(TrainConfig(steps=args.steps, seed=args.seed, checkpoint_every=args.steps, **options), out,
-                  overwrite=True, quiet=True)
+                  overwrite=not resume, resume=resume, quiet=True)
         trained = time.perf_counter() - t0
         r = nll(out, limit=args.limit, variance=variance)
         rows.append({"objective": label, "train_options": options, "steps": args.steps, "variance": variance,
@@ -52,7 +62,8 @@ def main() -> None:
               f"trained in {trained:.0f} s)", flush=True)
     path = RESULTS / "improved_ddpm.json"
     result = json.loads(path.read_text()) if path.is_file() else {}
-    result["loss_table"] = {"recipe": {"steps": args.steps, "batch_size": 128, "lr": 1e-3, "ema_decay": 0.999,
+    key = "loss_table" if args.steps == 4000 else f"loss_table_{args.steps}"  # one table per budget
+    result[key] = {"recipe": {"steps": args.steps, "batch_size": 128, "lr": 1e-3, "ema_decay": 0.999,
                                        "schedule": "cosine", "seed": args.seed}, "limit": args.limit, "rows": rows}
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
