@@ -95,9 +95,10 @@ class Inpaint:
     def plan(self, schedule: Schedule, steps: int):
         import torch
 
+        from toolkit import optional
         from toolkit.sampling import Plan, as_v2
 
-        if getattr(self.base, "rebuilds_x_from_history", False):
+        if optional.option(self.base, "rebuilds_x_from_history", False):
             raise ToolkitError(f"sampler {self.name!r} rebuilds x from its own history at every step, so the known "
                                "region injected between steps would be lost: inpaint with ddim, ddpm, dpmpp-2m, heun "
                                "or euler-a")

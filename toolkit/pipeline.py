@@ -87,8 +87,7 @@ class Pipeline:
     def value_range(self) -> tuple[float, float] | None:
         """The range samples are clamped to: (-1, 1) for images; None for data with no fixed range (its checkpoint
         records data.range null, e.g. standardized 2-D toys), whose samples are returned as they come."""
-        data = (self.config or {}).get("data") or {}
-        return None if "range" in data and data["range"] is None else (-1.0, 1.0)
+        return None if _no_fixed_range(self.config) else (-1.0, 1.0)
 
     @property
     def num_classes(self) -> int | None:
@@ -347,21 +346,24 @@ def load_predictor(model: Any, device: torch.device | str = "cpu"
     return model, None, {}
 
 
+def _no_fixed_range(config: dict[str, Any] | None) -> bool:
+    """Whether a checkpoint records data.range null (standardized vectors such as moons); older checkpoints record
+    no range: they are images in [-1, 1]."""
+    data = (config or {}).get("data") or {}
+    return "range" in data and data["range"] is None
+
+
 def _unbounded_data(config: dict[str, Any], sampler: Sampler, options: dict[str, Any]) -> Sampler:
-    """A model of data with no fixed range (its checkpoint records data.range null: standardized vectors such as
-    moons): x̂_0 is left unguarded by default, and a clip or threshold asked for without a clip_range is refused."""
-    data = config.get("data") or {}
-    if "range" not in data or data["range"] is not None:
-        return sampler  # images in [-1, 1] (older checkpoints record no range: they are images)
-    fields = attrs.fields_dict(type(sampler))
-    if "clip_range" in options:
-        return sampler  # the user chose a range for the guard
-    name = data.get("name") or "its data"
-    asked = [k for k in ("clip_x0", "threshold") if k in options and k in fields and getattr(sampler, k)]
+    """A model of data with no fixed range: x̂_0 is left unguarded by default, and a clip or threshold asked for
+    without a clip_range is refused."""
+    if not _no_fixed_range(config) or "clip_range" in options:
+        return sampler  # images in [-1, 1], or the user chose a range for the guard
+    asked = [k for k in ("clip_x0", "threshold") if k in options and optional.option(sampler, k)]
     if asked:
+        name = config["data"].get("name") or "its data"
         raise ToolkitError(f"{asked[0]} guards x̂_0 to a range, but this model's data ({name}) has none (its values are "
                            "not confined to [-1, 1]): leave the guard off, or give clip_range=R")
-    return attrs.evolve(sampler, clip_x0=False) if "clip_x0" in fields and getattr(sampler, "clip_x0") else sampler
+    return attrs.evolve(sampler, clip_x0=False) if optional.clip_x0(sampler) else sampler
 
 
 def _paired_latent(latent: Any, config: dict[str, Any], predictor: NoisePredictor, sampler: Sampler,

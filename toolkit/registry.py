@@ -314,10 +314,10 @@ def create(kind: str, name: str, **kwargs: Any) -> Any:
     entry = get_registry().lookup(kind, name)
     zero_snr = False
     if kind == "schedule" and "zero_terminal_snr" in kwargs:  # a rescale of any schedule, not the plugin's option
-        from toolkit.schedule import has_zero_terminal_snr
+        from toolkit import limits
 
         kwargs = dict(kwargs)
-        zero_snr = has_zero_terminal_snr({"zero_terminal_snr": kwargs.pop("zero_terminal_snr")})
+        zero_snr = limits.flag("zero_terminal_snr", kwargs.pop("zero_terminal_snr"))
     try:
         inspect.signature(entry.factory).bind(**kwargs)
     except TypeError as exc:

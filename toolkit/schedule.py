@@ -100,8 +100,7 @@ def rescale_zero_terminal_snr(schedule) -> BetaSchedule:
     if not bool((a[1:] < a[:-1]).all()) or not a[-1].item() > 0:
         raise ToolkitError(f"schedule {schedule.name!r} cannot be rescaled to zero terminal SNR: its ᾱ is not "
                            "strictly decreasing after rescaling")
-    prev = torch.cat([torch.ones(1, dtype=torch.float64), a[:-1]])
-    return BetaSchedule(name=schedule.name, betas=1.0 - a / prev)
+    return schedule_from_alphas_cumprod(schedule.name, a, max_beta=1.0)  # no β clip: ᾱ_T is the floor above
 
 
 def has_zero_terminal_snr(options: dict | None) -> bool:
