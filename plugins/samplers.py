@@ -15,7 +15,7 @@ from toolkit import limits
 from toolkit.errors import ToolkitError
 from toolkit.hookspecs import hookimpl
 from toolkit.protocols import ModelFn, Schedule
-from toolkit.sampling import SPACINGS, Plan, grid, log_snr_at, alpha_sigma, split_output, x0_and_eps
+from toolkit.sampling import Plan, alpha_sigma, grid, log_snr_at, spacing_field, split_output, x0_and_eps
 
 
 def _flag(value, field) -> bool:
@@ -82,7 +82,7 @@ class DDPM:
     clip_x0: bool = field(default=True, converter=flag)
     threshold: float = threshold_field()
     clip_range: float = clip_range_field()
-    spacing: str = field(default="uniform", validator=choice(*SPACINGS))
+    spacing: str = spacing_field("uniform")
     default_steps: int | None = None
     name: str = field(default="ddpm", init=False)
     stochastic: bool = field(default=True, init=False)
@@ -99,7 +99,7 @@ class DDPM:
         a_next = alpha_sigma(log_snr_at(schedule, np.minimum(g.t[:-1] + 1, T - 1)))[0] ** 2
         tilde_next = (1 - a_t) / np.maximum(1 - a_next, 1e-20) * (1 - a_next / a_t)
         final = g.t[1:] < 0
-        return Plan(t=g.t[:-1], steps=S, draws_per_step=1, tables={
+        return Plan(t=g.model_t[:-1], steps=S, draws_per_step=1, tables={
             "alpha": g.alpha[:-1], "sigma": g.sigma[:-1],
             "coef_x0": coef_x0, "coef_xt": coef_xt,  # μ̃ = coef_x0·x̂_0 + coef_xt·x_t  (eq. 7)
             "log_beta": np.log(beta),
@@ -151,7 +151,7 @@ class DDIM:
     clip_x0: bool = field(default=True, converter=flag)
     threshold: float = threshold_field()
     clip_range: float = clip_range_field()
-    spacing: str = field(default="uniform", validator=choice(*SPACINGS))
+    spacing: str = spacing_field("uniform")
     default_steps: int | None = 50
     sigma: str = field(default="eta", validator=choice("eta", "hat"))
     name: str = field(default="ddim", init=False)
@@ -173,7 +173,7 @@ class DDIM:
             sig = self.eta * np.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))  # σ_τi(η)
             tables |= {"c_x0": np.sqrt(a_prev), "c_eps": np.sqrt(np.clip(1 - a_prev - sig**2, 0, None)),
                        "s_noise": sig}  # "direction pointing to x_t"
-        return Plan(t=g.t[:-1], steps=g.steps, tables=tables, draws_per_step=1 if self.stochastic else 0)
+        return Plan(t=g.model_t[:-1], steps=g.steps, tables=tables, draws_per_step=1 if self.stochastic else 0)
 
     def inverse_plan(self, schedule: Schedule, steps: int) -> Plan:
         """The deterministic run backwards, data → x_T (DDIM inversion: the ODE of eq. 14 integrated forward).
@@ -182,7 +182,7 @@ class DDIM:
         if self.stochastic:
             raise ToolkitError("ddim with eta > 0 (or sigma=hat) is stochastic and cannot be inverted: use eta=0")
         g = grid(schedule, steps, self.spacing)
-        t_up, a_up, s_up = (v[:-1][::-1].copy() for v in (g.t, g.alpha, g.sigma))  # the visited times, ascending
+        t_up, a_up, s_up = (v[:-1][::-1].copy() for v in (g.model_t, g.alpha, g.sigma))  # the visited times, ascending
         return Plan(t=np.concatenate([t_up[:1], t_up[:-1]]), steps=g.steps, tables={
             "alpha": np.concatenate([[1.0], a_up[:-1]]), "sigma": np.concatenate([[0.0], s_up[:-1]]),
             "c_x0": a_up, "c_eps": s_up, "s_noise": np.zeros_like(a_up)})

@@ -45,6 +45,10 @@ CASES = {
     "euler-a10": dict(sampler="euler-a", steps=10),
     "dpmpp2m8-linear": dict(schedule="linear", sampler="dpmpp-2m", steps=8),  # fractional t, another schedule
     "euler-a8-cfg": dict(sampler="euler-a", steps=8, guidance="cfg", guidance_options={"scale": 2.0}),
+    # listed spacings (toolkit tune-grid): fractional step times, the network told shifted times
+    "unipc5-tuned-cfg": dict(sampler="unipc", spacing="991@882.9,891.3@907.9,546.2@556.5,233.9@260.2,59.6@49.1",
+                             guidance="cfg", guidance_options={"scale": 2.0}),
+    "ddim5-listed": dict(sampler="ddim", eta=0.5, spacing="999,700.5@690,400,150.25,20"),
 }
 
 

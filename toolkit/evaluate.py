@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -266,6 +267,12 @@ class QualityReport:
         for row, d in zip(self.rows, out["rows"]):
             d["label"] = row.label
         return out
+
+
+def split_samplers(text: str) -> list[str]:
+    """"ddim,unipc:spacing=999,900,640,310,86" → ["ddim", "unipc:spacing=999,900,640,310,86"]: a comma
+    starts a new sampler only before a name, so listed times stay with their sampler."""
+    return [s.strip() for s in re.split(r",(?=\s*[A-Za-z])", text) if s.strip()]
 
 
 def parse_sampler_spec(spec: str) -> tuple[str, dict[str, Any]]:

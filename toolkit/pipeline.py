@@ -464,9 +464,11 @@ def compose(
         schedule = create("schedule", schedule, **{**recorded, "num_timesteps": T, **(schedule_options or {})})
     if guidance_obj is not None:
         _check_guidance(guidance_obj, predictor, latent_obj, train_schedule or schedule)
-    if steps is None:
-        steps = optional.default_steps(sampler_obj) or schedule.num_timesteps
-    from toolkit.sampling import sampler_plan
+    from toolkit.sampling import listed_times, sampler_plan
+
+    if steps is None:  # a listed spacing (a tuned grid) sets its own number of steps
+        listed = listed_times(optional.option(sampler_obj, "spacing"))
+        steps = len(listed) if listed is not None else optional.default_steps(sampler_obj) or schedule.num_timesteps
 
     sampler_plan(sampler_obj, schedule, steps)  # validates steps against T now, not mid-run
     return Pipeline(schedule=schedule, predictor=predictor, sampler=sampler_obj, steps=int(steps),

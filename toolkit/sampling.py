@@ -28,6 +28,53 @@ KARRAS_RHO = 7.0
 SIGMA_MAX = 80.0  # Karras et al. 2022's σ_max: the continuous grids start at σ̃ = min(80, σ̃_{T-1})
 
 
+def listed_grid(spacing: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """A listed spacing ("999,908.2,636.5,309.7,85.9", a tuned grid as ``toolkit tune-grid`` prints) as
+    (step times, network times), float64; an entry "t@s" steps at t but calls the network at time s (a
+    shifted call, Li et al. 2024's time-shift sampler), a bare "t" calls it at t. None for a named spacing."""
+    if not isinstance(spacing, str) or spacing in SPACINGS:
+        return None
+    try:
+        pairs = [(float(t), float(s or t)) for t, _, s in (p.partition("@") for p in spacing.split(","))]
+    except ValueError:
+        return None
+    return np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+
+
+def listed_times(spacing: Any) -> np.ndarray | None:
+    """The step times of a listed spacing; None for a named spacing."""
+    listed = listed_grid(spacing)
+    return None if listed is None else listed[0]
+
+
+def _spacing_text(value: Any) -> Any:
+    """A spacing option as text: a name, or listed times (a number or a list of them from JSON) joined by commas."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value]
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return ",".join(repr(float(v)) if not float(v).is_integer() else str(int(v)) for v in value)
+    return value
+
+
+def _check_spacing(instance: Any, attribute: Any, value: Any) -> None:
+    who = getattr(instance, "name", type(instance).__name__)
+    if value in SPACINGS:
+        return
+    listed = listed_grid(value)
+    if listed is None:
+        raise ToolkitError(f"{who}: spacing must be one of {', '.join(SPACINGS)}, or the sampling times listed "
+                           f"(e.g. 999,900,640,310,86 or with network times 999@991,900@906,...), not {value!r}")
+    both = np.stack(listed)
+    if not (np.all(np.isfinite(both)) and both.min() >= 0 and np.all(np.diff(listed[0]) < 0)):
+        raise ToolkitError(f"{who}: the listed spacing's times must be numbers >= 0, the step times in strictly "
+                           f"descending order; got {value!r}")
+
+
+def spacing_field(default: str) -> Any:
+    """A sampler's ``spacing`` option: a named spacing (SPACINGS) or the times listed ("999,900,640,310,86")."""
+    return field(default=default, converter=_spacing_text, validator=_check_spacing)
+
+
 def check_steps(schedule: Schedule, steps: int) -> int:
     T = schedule.num_timesteps
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
@@ -94,17 +141,27 @@ def alpha_sigma(lam) -> tuple[np.ndarray, np.ndarray]:
 
 
 def time_grid(schedule: Schedule, steps: int, spacing: str = "uniform") -> np.ndarray:
-    """``steps`` sampling times, descending (float64; fractional for logsnr and karras).
+    """``steps`` sampling times, descending (float64; fractional for logsnr, karras and listed times).
 
     The integer spacings are those of ``spaced_timesteps``. logsnr: even in λ (Lu et al. 2022's
     choice for DPM-Solver); karras: σ̃ = √((1-ᾱ)/ᾱ) on Karras et al.'s ρ = 7 grid. Both lay S + 1
     points from σ̃ = min(80, σ̃_{T-1}) (Karras et al.'s σ_max: a cosine schedule's σ̃_{T-1} is 2·10⁴,
     where x̂_0 is ε's error times 2·10⁴) to t = 0 and visit the first S, as "trailing" does: no network
-    call is spent at t = 0, where the data is all but clean. Their times are fractional. The run ends
-    after the last time with one step to the clean data (t = -1).
+    call is spent at t = 0, where the data is all but clean. Their times are fractional. A listed spacing
+    ("999,908.2,636.5") gives its own times. The run ends after the last time with one step to the clean
+    data (t = -1).
     """
     T = schedule.num_timesteps
     steps = check_steps(schedule, steps)
+    listed = listed_times(spacing)
+    if listed is not None:
+        if len(listed) != steps:
+            raise ToolkitError(f"the spacing lists {len(listed)} times but {steps} steps were asked for: ask for "
+                               f"{len(listed)} (or leave steps out)")
+        if max(listed[0], listed_grid(spacing)[1].max()) > T - 1 or listed.min() < 0 or np.any(np.diff(listed) >= 0):
+            raise ToolkitError(f"the listed times must descend strictly within [0, {T - 1}] (the schedule's t), "
+                               f"got {spacing}")
+        return listed
     if spacing in INTEGER_SPACINGS:
         return spaced_timesteps(T, steps, spacing).numpy().astype(np.float64)
     lam = log_snr_table(schedule)
@@ -376,6 +433,7 @@ class Grid:
     lam: np.ndarray
     alpha: np.ndarray
     sigma: np.ndarray
+    model_t: np.ndarray  # the times the network is told: t, or a listed spacing's network times ("t@s")
 
     @property
     def steps(self) -> int:
@@ -383,7 +441,8 @@ class Grid:
 
 
 def grid(schedule: Schedule, steps: int, spacing: str) -> Grid:
-    """The ``time_grid`` of ``spacing`` with the end appended, and each time's λ, α, σ (float64).
+    """The ``time_grid`` of ``spacing`` with the end appended, each time's λ, α, σ (float64), and the
+    times the network is called at (``model_t``: t itself unless the spacing lists shifted calls).
 
     At integer t, α² and σ² are the schedule's ᾱ_t and 1 - ᾱ_t exactly (not interpolated).
     """
@@ -394,7 +453,9 @@ def grid(schedule: Schedule, steps: int, spacing: str) -> Grid:
     whole = (t >= 0) & (t == np.round(t))
     idx = t[whole].astype(np.int64)
     alpha[whole], sigma[whole] = np.sqrt(a[idx]), np.sqrt(1 - a[idx])
-    return Grid(t=t, lam=lam, alpha=alpha, sigma=sigma)
+    listed = listed_grid(spacing)
+    model_t = t if listed is None else np.append(listed[1], -1.0)
+    return Grid(t=t, lam=lam, alpha=alpha, sigma=sigma, model_t=model_t)
 
 
 def split_output(out: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:

@@ -163,7 +163,8 @@ def pipeline_options():
         click.option("--sampler", default="ddim", show_default=True),
         click.option("--steps", type=int, default=None, help="Sampling steps S (default: ddim 50, ddpm T)."),
         click.option("--eta", type=float, default=None, help="DDIM η in [0, 1] (0: deterministic)."),
-        click.option("--spacing", default=None, help="Timestep spacing: uniform, quadratic, trailing, linspace."),
+        click.option("--spacing", default=None, help="Timestep spacing: uniform, quadratic, trailing, linspace, logsnr, "
+                     "karras, or the times listed (a tuned grid from toolkit tune-grid: 999@991,908@915,...)."),
         click.option("--variance", default=None, help="DDPM σ²: posterior (β̃), beta (β), learned, auto."),
         click.option("--sampler-option", "sampler_options", multiple=True, metavar="KEY=VALUE",
                      help="Any other sampler option (repeatable)."),

@@ -83,7 +83,7 @@ def evaluate_cmd(model, metric, dataset, data_options, limit, trace, ode_steps, 
         payload, table = _ode_nll(model, name, ds_options, 100 if limit is None else limit, min(batch_size, 100),
                                   trace, ode_steps, variance, seed, device, quiet)
     else:
-        grid = evaluate.sampler_grid([s.strip() for s in samplers.split(",") if s.strip()],
+        grid = evaluate.sampler_grid(evaluate.split_samplers(samplers),
                                      float_list(eta, "--eta"), parse_options(sampler_options, "--sampler-option"))
         step_list = []
         for v in float_list(steps, "--steps") or []:

@@ -11,7 +11,7 @@ from torch import Tensor
 
 import toolkit
 from toolkit import ToolkitError, hookimpl, schedule_from_betas
-from toolkit.sampling import SPACINGS, Plan, check_steps, grid, split_output
+from toolkit.sampling import Plan, check_steps, grid, spacing_field, split_output
 
 # Refuse to load into a toolkit older than the plugin API this plugin was written for.
 if toolkit.PLUGIN_API_VERSION < 2:
@@ -27,11 +27,6 @@ def sigmoid(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float
     return schedule_from_betas("sigmoid", beta_start + (beta_end - beta_start) * s)
 
 
-def _spacing(instance, attribute, value) -> None:
-    if value not in SPACINGS:
-        raise ToolkitError(f"euler: spacing must be one of {', '.join(SPACINGS)}, not {value!r}")
-
-
 @define(frozen=True)
 class Euler:
     """Euler steps on the probability-flow ODE dx̃/dσ̃ = ε(x, σ̃) in the variables x̃ = x/√ᾱ,
@@ -41,7 +36,7 @@ class Euler:
     schedule (σ̃ = 2·10⁴ there) multiplies every error of ε by 2·10⁴ in the first step.
     """
 
-    spacing: str = field(default="karras", validator=_spacing)
+    spacing: str = spacing_field("karras")  # a named spacing, or listed times (a tuned grid)
     default_steps: int = 25
     name: str = field(default="euler", init=False)
 
@@ -49,7 +44,7 @@ class Euler:
         """Per step: the model time, and x_{k+1} = (α_{k+1}/α_k)·x + α_{k+1}(σ̃_{k+1} − σ̃_k)·ε."""
         g = grid(schedule, check_steps(schedule, steps), self.spacing)  # times, with α, σ at each (and the end)
         st = g.sigma / g.alpha
-        return Plan(t=g.t[:-1], steps=g.steps, tables={
+        return Plan(t=g.model_t[:-1], steps=g.steps, tables={
             "c_x": g.alpha[1:] / g.alpha[:-1], "c_e": g.alpha[1:] * (st[1:] - st[:-1])})
 
     def init_state(self, x_T: Tensor, plan: Plan) -> tuple[Tensor, ...]:
