@@ -23,6 +23,7 @@ _LAZY = {
     "available": "toolkit.registry", "create": "toolkit.registry",
     "BetaSchedule": "toolkit.schedule", "schedule_from_alphas_cumprod": "toolkit.schedule",
     "schedule_from_betas": "toolkit.schedule",
+    "TunedGrid": "toolkit.tuned_grid", "tune_grid": "toolkit.tuned_grid",
 }
 
 
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     from toolkit.protocols import Guidance, NoisePredictor, Sampler, Schedule
     from toolkit.registry import available, create
     from toolkit.schedule import BetaSchedule, schedule_from_alphas_cumprod, schedule_from_betas
+    from toolkit.tuned_grid import TunedGrid, tune_grid
 
 __all__ = [
     "PLUGIN_API_VERSION",
@@ -63,6 +65,7 @@ __all__ = [
     "Sampler",
     "Schedule",
     "ToolkitError",
+    "TunedGrid",
     "__version__",
     "available",
     "compose",
@@ -71,4 +74,5 @@ __all__ = [
     "load_checkpoint",
     "schedule_from_alphas_cumprod",
     "schedule_from_betas",
+    "tune_grid",
 ]

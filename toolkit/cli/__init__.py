@@ -4,7 +4,7 @@ Plugins add commands through the ``register_commands`` hook (``toolkit.hookspecs
 when a command that is not built in is asked for (or the command list is shown).
 """
 
-from toolkit.cli import edit, evaluate, export, plugins, sample, show, train  # noqa: F401  (each attaches its commands)
+from toolkit.cli import edit, evaluate, export, plugins, sample, show, train, tune  # noqa: F401  (each attaches its commands)
 from toolkit.cli.base import cli, main
 from toolkit.registry import BUILTIN_COMMANDS
 
