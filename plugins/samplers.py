@@ -99,7 +99,7 @@ class DDPM:
         a_next = alpha_sigma(log_snr_at(schedule, np.minimum(g.t[:-1] + 1, T - 1)))[0] ** 2
         tilde_next = (1 - a_t) / np.maximum(1 - a_next, 1e-20) * (1 - a_next / a_t)
         final = g.t[1:] < 0
-        return Plan(t=g.model_t[:-1], steps=S, draws_per_step=1, tables={
+        return Plan(t=g.model_t[:-1], t_x=g.t[:-1], steps=S, draws_per_step=1, tables={
             "alpha": g.alpha[:-1], "sigma": g.sigma[:-1],
             "coef_x0": coef_x0, "coef_xt": coef_xt,  # μ̃ = coef_x0·x̂_0 + coef_xt·x_t  (eq. 7)
             "log_beta": np.log(beta),
@@ -173,7 +173,7 @@ class DDIM:
             sig = self.eta * np.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))  # σ_τi(η)
             tables |= {"c_x0": np.sqrt(a_prev), "c_eps": np.sqrt(np.clip(1 - a_prev - sig**2, 0, None)),
                        "s_noise": sig}  # "direction pointing to x_t"
-        return Plan(t=g.model_t[:-1], steps=g.steps, tables=tables, draws_per_step=1 if self.stochastic else 0)
+        return Plan(t=g.model_t[:-1], t_x=g.t[:-1], steps=g.steps, tables=tables, draws_per_step=1 if self.stochastic else 0)
 
     def inverse_plan(self, schedule: Schedule, steps: int) -> Plan:
         """The deterministic run backwards, data → x_T (DDIM inversion: the ODE of eq. 14 integrated forward).

@@ -60,7 +60,7 @@ class DPMSolverPP2M:
             if g.t[k + 1] >= 0 and self.order == 2:
                 r = (lam[k] - lam[k - 1]) / (lam[k + 1] - lam[k])
                 w0[k], w1[k] = 1 + 1 / (2 * r), -1 / (2 * r)
-        return Plan(t=g.model_t[:-1], steps=S, tables={
+        return Plan(t=g.model_t[:-1], t_x=g.t[:-1], steps=S, tables={
             "alpha": al[:-1], "sigma": si[:-1],
             "c_x": si[1:] / si[:-1],
             "c_d": al[1:] - si[1:] * al[:-1] / si[:-1],  # = −α_{k+1}(e^{−h} − 1), finite at the end
@@ -146,7 +146,7 @@ class UniPC:
                 c = al[k + 1] * _unipc_B(h, self.variant) * 0.5 / rk  # − α B(h)·½·D1, D1 = (m_last − m)/rk
                 pp_m[k] += c
                 pp_ml[k] = -c
-        return Plan(t=g.model_t[:-1], steps=S, tables={
+        return Plan(t=g.model_t[:-1], t_x=g.t[:-1], steps=S, tables={
             "alpha": al[:-1], "sigma": si[:-1], "cc_self": cc_self, "cc_xl": cc_xl, "cc_ml": cc_ml, "cc_mp": cc_mp,
             "cc_m": cc_m, "pp_x": pp_x, "pp_m": pp_m, "pp_ml": pp_ml})
 
@@ -182,17 +182,17 @@ class Heun:
         g = grid(schedule, check_steps(schedule, steps), self.spacing)
         al, si = g.alpha, g.sigma
         st = si / al  # σ̃
-        rows = []  # (t, α, σ, a0, ae, b0, be, keep): out = a0·x̂_0 + ae·ε + b0·x̂_0(k) + be·ε_k
+        rows = []  # (t, α, σ, a0, ae, b0, be, keep, t_x): out = a0·x̂_0 + ae·ε + b0·x̂_0(k) + be·ε_k
         for k in range(g.steps):
             # Euler: x̃' = x̃_k + Δσ̃·ε = x̂_0 + σ̃_{k+1}ε (written with x̂_0, so a huge σ̃_k cancels exactly)
-            rows.append((g.model_t[k], al[k], si[k], al[k + 1], si[k + 1], 0.0, 0.0, 1.0))
+            rows.append((g.model_t[k], al[k], si[k], al[k + 1], si[k + 1], 0.0, 0.0, 1.0, g.t[k]))
             if g.t[k + 1] >= 0:  # x̃_{k+1} = x̃_k + Δσ̃·(ε_k + ε')/2
                 half = al[k + 1] * (st[k + 1] - st[k]) / 2
                 rows.append((g.model_t[k + 1], al[k + 1], si[k + 1], 0.0, half, al[k + 1],
-                             al[k + 1] * (st[k] + st[k + 1]) / 2, 0.0))
+                             al[k + 1] * (st[k] + st[k + 1]) / 2, 0.0, g.t[k + 1]))
         cols = np.array(rows, dtype=np.float64).T
         names = ("alpha", "sigma", "a0", "ae", "b0", "be", "keep")
-        return Plan(t=cols[0], steps=g.steps, tables=dict(zip(names, cols[1:])))
+        return Plan(t=cols[0], t_x=cols[-1], steps=g.steps, tables=dict(zip(names, cols[1:-1])))
 
     def init_state(self, x_T: Tensor, plan: Plan) -> tuple[Tensor, ...]:
         return (torch.zeros_like(x_T), torch.zeros_like(x_T))
@@ -226,7 +226,7 @@ class EulerAncestral:
         up = np.minimum(s_to, self.eta * np.sqrt(np.clip(s_to**2 * (s**2 - s_to**2) / s**2, 0, None)))
         down = np.sqrt(np.clip(s_to**2 - up**2, 0, None))
         # x̃' = x̃ + (σ̃_down − σ̃)ε + σ̃_up z = x̂_0 + σ̃_down ε + σ̃_up z, then x = α' x̃'
-        return Plan(t=g.model_t[:-1], steps=g.steps, draws_per_step=1 if self.eta > 0 else 0, tables={
+        return Plan(t=g.model_t[:-1], t_x=g.t[:-1], steps=g.steps, draws_per_step=1 if self.eta > 0 else 0, tables={
             "alpha": al[:-1], "sigma": si[:-1], "c_0": al[1:], "c_e": al[1:] * down, "c_z": al[1:] * up})
 
     def init_state(self, x_T: Tensor, plan: Plan) -> tuple[Tensor, ...]:

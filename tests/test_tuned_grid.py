@@ -138,3 +138,31 @@ def test_tune_grid_from_the_cli(tmp_path):
                  "--backend", "torch", "-q")
     assert sample.exit_code == 0, sample.output
     assert "3 steps = 3 network calls" in sample.output
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpmpp-2m", "unipc", "heun", "euler-a"])
+def test_plans_keep_the_step_times_apart_from_the_told_times(name):
+    """plan.t: what the network is told; plan.t_x: the time x stands at (what img2img, inpainting, the ODE
+    reference and classifier guidance read); the coefficients are those of the unshifted grid."""
+    shifted = as_v2(toolkit.create("sampler", name, spacing="900@880,500@520,100@90")).plan(COSINE, 3)
+    plain = as_v2(toolkit.create("sampler", name, spacing="900,500,100")).plan(COSINE, 3)
+    told = {900.0: 880.0, 500.0: 520.0, 100.0: 90.0}
+    assert torch.equal(shifted.t_x, plain.t) and torch.equal(plain.t_x, plain.t)
+    assert shifted.t.tolist() == [told[v] for v in plain.t.tolist()]
+    assert shifted.tables.keys() == plain.tables.keys()
+    assert all(torch.equal(shifted.tables[k], plain.tables[k]) for k in plain.tables)
+
+
+def test_inpainting_and_img2img_read_the_step_times():
+    from toolkit.inpainting import Inpaint
+
+    shifted = Inpaint(toolkit.create("sampler", "ddim", spacing="900@880,500@520,100@90"), resample=2, jump=1)
+    plain = Inpaint(toolkit.create("sampler", "ddim", spacing="900,500,100"), resample=2, jump=1)
+    a, b = shifted.plan(COSINE, 3), plain.plan(COSINE, 3)
+    assert all(torch.equal(a.tables[k], b.tables[k]) for k in b.tables) and torch.equal(a.t_x, b.t)
+    pipe = toolkit.compose(sampler="ddim", spacing="900@880,500@520,100@90")
+    x0 = torch.zeros((2, 1, 8, 8))
+    from toolkit.editing import truncated
+
+    assert float(truncated(pipe, 1.0).plan.t_x[0]) == 900.0
+    assert toolkit.compose(sampler="ddim", spacing="900@880,500@520,100@90").sample(2, seed=0).shape == x0.shape

@@ -189,7 +189,7 @@ def edit_batches(pipe, x0: Any, strength: float, seed: int = 0, labels: Any = No
     short = truncated(pipe, strength)
     x0 = check_images(x0, pipe.output_shape, "--init")
     n = x0.shape[0]
-    t0 = short.plan.t[:1].double()
+    t0 = short.plan.t_x[:1].double()
     a = diffusion.alpha_bar(short.schedule, t0, torch.zeros(1), torch.float64).reshape(())
     y = None if labels is None else short.check_labels(n, labels)
     bs = batch_size or pipe.batch_size

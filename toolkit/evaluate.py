@@ -403,7 +403,7 @@ def ode_errors(model: str | os.PathLike | None, samplers: Sequence[tuple[str, di
             t0 = time.perf_counter()
             x = run_plan(sampler, pipe.model_fn(y), plan, x_T, progress=progress)
             rate = n / (time.perf_counter() - t0)
-            key = (float(plan.t[0]), clip)
+            key = (float(plan.t_x[0]), clip)
             if key not in references:
                 references[key] = ode_reference(pipe, x_T, y, key[0], clip, reference_nfe)
             d = (x - references[key]).reshape(n, -1)

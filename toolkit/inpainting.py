@@ -108,7 +108,7 @@ class Inpaint:
             raise ToolkitError("inpainting needs a plan with at least one iteration")
         rows = repaint_rows(n, self.resample, self.jump)
         idx = torch.tensor([r[0] for r in rows])
-        t = base.t.numpy()
+        t = base.t_x.numpy()  # the noise levels x stands at (the network may be told shifted times)
         t_next = base.tables["t_next"].numpy() if "t_next" in base.tables else np.append(t[1:], -1.0)
         a_next = alpha_bar_at(schedule, t_next)
         back = alpha_bar_at(schedule, t[[r[3] for r in rows]]) / a_next[idx.numpy()]
@@ -121,7 +121,7 @@ class Inpaint:
             PREFIX + "back_x": np.sqrt(np.minimum(back, 1.0)),  # q(x_b | x') = N(√(ᾱ_b/ᾱ') x', 1 - ᾱ_b/ᾱ')
             PREFIX + "back_z": np.sqrt(np.clip(1 - back, 0, None)),
         }
-        return Plan(t=base.t[idx], steps=base.steps, tables=tables, nfe_per_step=base.nfe_per_step,
+        return Plan(t=base.t[idx], t_x=base.t_x[idx], steps=base.steps, tables=tables, nfe_per_step=base.nfe_per_step,
                     draws_per_step=base.draws_per_step + 2, schedule=schedule)  # + the known data's z, the jump's z
 
     def init_state(self, x_T: Tensor, plan) -> tuple[Tensor, ...]:

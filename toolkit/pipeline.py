@@ -61,7 +61,8 @@ class Pipeline:
 
     @property
     def timesteps(self) -> Tensor:
-        """The sampling-schedule times at which the loop's iterations call the model, descending (float64)."""
+        """The sampling-schedule times at which the loop's iterations call the model (float64; descending unless a
+        listed spacing tells the network shifted times: ``plan.t_x`` holds the times x stands at)."""
         return self.plan.t
 
     @property

@@ -206,8 +206,15 @@ class Plan:
     nfe_per_step: int = 1
     draws_per_step: int = 0
     schedule: Any = field(default=None, eq=False, repr=False)  # the schedule it was made for (optional)
+    # the time x stands at when iteration i starts (its noise level): t itself unless the network is told
+    # shifted times (a listed spacing's "t@s"); what img2img, inpainting and the ODE reference start from
+    t_x: Tensor | None = field(default=None, converter=lambda v: None if v is None else _table(v))
 
     def __attrs_post_init__(self) -> None:
+        if self.t_x is None:
+            object.__setattr__(self, "t_x", self.t)
+        elif self.t_x.shape != self.t.shape:
+            raise ToolkitError(f"plan t_x has shape {tuple(self.t_x.shape)}, not t's {tuple(self.t.shape)}")
         n = self.t.shape[0]
         for key, value in self.tables.items():
             if value.ndim < 1 or value.shape[0] != n:
@@ -238,7 +245,7 @@ class Plan:
         new = object.__new__(Plan)
         for name, value in (("t", conv(self.t)), ("steps", self.steps), ("tables", {k: conv(v) for k, v in self.tables.items()}),
                             ("nfe_per_step", self.nfe_per_step), ("draws_per_step", self.draws_per_step),
-                            ("schedule", self.schedule)):
+                            ("schedule", self.schedule), ("t_x", conv(self.t_x))):
             object.__setattr__(new, name, value)
         return new
 
@@ -418,7 +425,7 @@ class MeanShifted:
 
         x_prev, state = self.base.step(fn, x, state, i, plan, noise)
         variance = torch.exp(self.base.log_variance(seen[0], x, i, plan))
-        return x_prev + variance * self.gradient_fn(x, plan.t[i].expand(x.shape[0])), state
+        return x_prev + variance * self.gradient_fn(x, plan.t_x[i].expand(x.shape[0])), state
 
 
 # ---------------------------------------------------------------- helpers for writing samplers

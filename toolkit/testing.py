@@ -204,7 +204,7 @@ def check_convergence(sampler: Sampler, shape: tuple[int, ...] = (1, 4, 4), mu: 
         errors = []
         for steps in (ok[0], ok[-1]):
             x, plan, _, _ = _run(sampler, schedule, steps, x_T, streams.draw, model)
-            t0 = plan.t[0].reshape(1)
+            t0 = plan.t_x[0].reshape(1)
             a = alpha_bar(schedule, t0 if t0.is_floating_point() else t0.long(), x_T, torch.float64)
             exact = mu + s * (x_T.double() - a.sqrt() * mu) / (a * s * s + 1 - a).sqrt()
             errors.append(float((x.double() - exact).abs().mean()))

@@ -44,7 +44,7 @@ class Euler:
         """Per step: the model time, and x_{k+1} = (α_{k+1}/α_k)·x + α_{k+1}(σ̃_{k+1} − σ̃_k)·ε."""
         g = grid(schedule, check_steps(schedule, steps), self.spacing)  # times, with α, σ at each (and the end)
         st = g.sigma / g.alpha
-        return Plan(t=g.model_t[:-1], steps=g.steps, tables={
+        return Plan(t=g.model_t[:-1], t_x=g.t[:-1], steps=g.steps, tables={
             "c_x": g.alpha[1:] / g.alpha[:-1], "c_e": g.alpha[1:] * (st[1:] - st[:-1])})
 
     def init_state(self, x_T: Tensor, plan: Plan) -> tuple[Tensor, ...]:
