@@ -5,11 +5,13 @@
     (toolkit.evaluate.ode_reference), at 5/10/20 network calls. Ours and diffusers' run on the same
     grid (timestep_spacing "trailing", starting at t = T-1, diffusers' choice) with the same x̂_0
     clipping (diffusers: thresholding with sample_max_value 1, or DDIM's clip_sample); ours also on
-    their default grids (logsnr / karras from σ̃ = 80).
-(b) FD in the shipped feature space, n samples, 3 seeds: our solvers at 5/10 NFE against ddim-20 and
-    ddim-50, and diffusers' DPM-Solver++, UniPC and Euler with their default settings.
+    their default grids (logsnr / karras from σ̃ = 80), and unipc on a grid tuned to the model
+    (toolkit.tuned_grid, tuned on other draws of x_T: seed 1000).
+(b) FD in the shipped feature space, n samples, 3 seeds: our solvers at 5/10 NFE (unipc also on the
+    tuned grid) against ddim-20 and ddim-50, and diffusers' DPM-Solver++, UniPC and Euler with their
+    default settings.
 
-    python bench/bench_solvers.py            # ~15 min on 2 CPU cores; writes bench/results/solvers.json and .png
+    python bench/bench_solvers.py            # ~30 min on 2 CPU cores; writes bench/results/solvers.json and .png
     python bench/bench_solvers.py --quick    # smoke run
 """
 
@@ -22,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import attrs
 import numpy as np
 import torch
 from torch import Tensor
@@ -30,7 +33,8 @@ import toolkit
 from toolkit.evaluate import feature_space, ode_reference
 from toolkit.metrics import frechet_distance
 from toolkit.noise import NoiseStreams
-from toolkit.sampling import as_v2, run_plan, stream_noise_fn
+from toolkit.tuned_grid import tune_grid
+from toolkit.sampling import as_v2, listed_times, run_plan, stream_noise_fn
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NFES = (5, 10, 20)
@@ -87,7 +91,8 @@ def rms(a: Tensor, b: Tensor) -> float:
     return float((a - b).reshape(len(a), -1).pow(2).mean(1).sqrt().mean())
 
 
-def ode_section(pipe, fn, x_T: Tensor, labels: Tensor, nfes, reference_nfe: int) -> list[dict[str, Any]]:
+def ode_section(pipe, fn, x_T: Tensor, labels: Tensor, nfes, reference_nfe: int,
+                tuned: dict[int, str]) -> list[dict[str, Any]]:
     """(a): ODE error of each method at each NFE, ours and diffusers' on the trailing grid, ours on defaults."""
     methods = [  # (ours, diffusers, clip)
         ("dpmpp-2m", "dpmpp-2m", True), ("unipc", "unipc", True), ("ddim", "ddim", True),
@@ -119,15 +124,28 @@ def ode_section(pipe, fn, x_T: Tensor, labels: Tensor, nfes, reference_nfe: int)
                 row["diffusers_trailing"] = rms(x, reference(999.0, clip))
             rows.append(row)
             print(json.dumps(row), flush=True)
+    for nfe, spacing in tuned.items():  # the grid tuned to the model (on other draws of x_T than these)
+        sampler = ours_sampler("unipc", True, spacing)
+        plan = as_v2(sampler).plan(pipe.schedule, nfe)
+        x = run_plan(as_v2(sampler), fn, plan, x_T)
+        start = float(listed_times(spacing)[0])  # the first step time (plan.t holds the network's times)
+        row = {"method": "unipc", "diffusers": None, "clip_x0": True, "nfe_budget": nfe,
+               "ours_tuned": rms(x, reference(start, True)), "ours_tuned_nfe": plan.nfe, "ours_tuned_spacing": spacing}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 
-def fd_section(pipe, fn_for, space, real, n: int, seeds, nfes) -> list[dict[str, Any]]:
-    """(b): FD over seeds for our solvers (default grids, clipped), ddim-20/50, and diffusers' defaults."""
+def fd_section(pipe, fn_for, space, real, n: int, seeds, nfes, tuned: dict[int, str]) -> list[dict[str, Any]]:
+    """(b): FD over seeds for our solvers (default grids, clipped; unipc also on the grid tuned to the model),
+    ddim-20/50, and diffusers' defaults."""
     configs: list[tuple[str, str, int]] = [("ours", "ddim", 20), ("ours", "ddim", 50)]
     for nfe in nfes:
         configs += [("ours", "ddim", nfe), ("ours", "dpmpp-2m", nfe), ("ours", "unipc", nfe),
-                    ("ours", "unipc:spacing=trailing", nfe),
+                    ("ours", "unipc:spacing=trailing", nfe)]
+        if nfe in tuned:
+            configs += [("ours", f"unipc:spacing={tuned[nfe]}", nfe)]
+        configs += [
                     ("ours", "heun", steps_for("heun", nfe)), ("ours", "euler-a", nfe),
                     ("diffusers", "dpmpp-2m", nfe), ("diffusers", "unipc", nfe), ("diffusers", "euler", nfe)]
     rows = []
@@ -140,7 +158,7 @@ def fd_section(pipe, fn_for, space, real, n: int, seeds, nfes) -> list[dict[str,
             x_T = streams.draw()
             t0 = time.perf_counter()
             if side == "ours":
-                base, *opt = name.split(":")
+                base, *opt = name.split(":")  # a listed spacing's commas stay inside its option
                 sampler = as_v2(toolkit.create("sampler", base, **dict(o.split("=") for o in opt)))
                 plan = sampler.plan(pipe.schedule, steps)
                 x = run_plan(sampler, fn, plan, x_T, noise_fn=stream_noise_fn(streams.draw, plan.draws_per_step))
@@ -153,7 +171,9 @@ def fd_section(pipe, fn_for, space, real, n: int, seeds, nfes) -> list[dict[str,
             fds.append(frechet_distance(real, space.features(x)))
             probs = space.probs(x)
             accs.append(float((probs.argmax(1) == labels.numpy()).mean()))
-        row = {"side": side, "sampler": name, "steps": steps, "nfe": nfe_used, "fd": fds,
+        label = "unipc (tuned grid)" if "spacing=" in name and name.split("spacing=")[1][0].isdigit() else name
+        row = {"side": side, "sampler": label, "spacing": name.split("spacing=")[1] if "spacing=" in name else None,
+               "steps": steps, "nfe": nfe_used, "fd": fds,
                "fd_mean": float(np.mean(fds)), "fd_std": float(np.std(fds, ddof=1)) if len(fds) > 1 else 0.0,
                "accuracy": float(np.mean(accs)), "seconds": seconds}
         rows.append(row)
@@ -192,6 +212,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for r in result["ode"]:
         if not r["clip_x0"]:
             continue
+        if "ours_tuned" in r:
+            ode.setdefault("ours unipc (tuned grid)", []).append((r["ours_tuned_nfe"], r["ours_tuned"]))
+            continue
         ode.setdefault(f"ours {r['method']} ({r['ours_default_spacing']})", []).append(
             (r["ours_default_nfe"], r["ours_default"]))
         if r.get("diffusers_trailing") is not None:
@@ -223,12 +246,15 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--reuse-ode", default=None, help="take section (a) from this results JSON")
     parser.add_argument("--plot-only", default=None, help="redraw the figure of this results JSON")
+    parser.add_argument("--tune-samples", type=int, default=256, help="draws of x_T (seed 1000) to tune unipc's grid on")
+    parser.add_argument("--tune-nfe", default="5,10", help="NFEs to tune unipc's grid for (empty: none)")
     args = parser.parse_args()
     if args.plot_only:
         plot(json.loads(Path(args.plot_only).read_text()), Path(args.plot_only).with_suffix(".png"))
         return
     if args.quick:
         args.samples, args.ode_samples, args.seeds, args.reference_nfe = 100, 16, "0,1", 100
+        args.tune_samples, args.tune_nfe = 8, "5"
     torch.set_num_threads(max(1, torch.get_num_threads()))
     seeds = [int(s) for s in args.seeds.split(",")]
     pipe = toolkit.compose()  # the shipped digits model
@@ -244,17 +270,25 @@ def main() -> None:
                     "threads": torch.get_num_threads(), "platform": platform.platform()},
     }
     t0 = time.perf_counter()
+    tuned: dict[int, str] = {}  # `toolkit tune-grid --sampler unipc --spacing logsnr --steps N`, on seed 1000
+    result["tuned"] = []
+    for nfe in [int(v) for v in args.tune_nfe.split(",") if v.strip()]:
+        g = tune_grid(None, "unipc", nfe, spacing="logsnr", n=args.tune_samples, seed=1000,
+                      reference_nfe=min(500, args.reference_nfe), sweeps=2 if args.quick else 8)
+        tuned[nfe] = g.spacing
+        result["tuned"].append(attrs.asdict(g))
+        print(json.dumps(result["tuned"][-1]), flush=True)
     if args.reuse_ode:
         result["ode"] = json.loads(Path(args.reuse_ode).read_text())["ode"]
         result["config"]["ode_samples"] = json.loads(Path(args.reuse_ode).read_text())["config"]["ode_samples"]
     else:
-        result["ode"] = ode_section(pipe, fn, x_T, ode_labels, NFES, args.reference_nfe)
+        result["ode"] = ode_section(pipe, fn, x_T, ode_labels, NFES, args.reference_nfe, tuned)
     data = toolkit.create("dataset", "digits")
     space = feature_space(None, "digits", data.sample_shape)
     real = space.features(data.x)
     result["fd_floor"] = [frechet_distance(real, real[np.random.default_rng(s).choice(len(real), args.samples)])
                           for s in seeds]
-    result["fd"] = fd_section(pipe, pipe.model_fn, space, real, args.samples, seeds, NFES[:2])
+    result["fd"] = fd_section(pipe, pipe.model_fn, space, real, args.samples, seeds, NFES[:2], tuned)
     result["seconds"] = time.perf_counter() - t0
     out = Path(args.out) if args.out else RESULTS / ("solvers_quick.json" if args.quick else "solvers.json")
     out.parent.mkdir(parents=True, exist_ok=True)
