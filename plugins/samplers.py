@@ -182,8 +182,9 @@ class DDIM:
         if self.stochastic:
             raise ToolkitError("ddim with eta > 0 (or sigma=hat) is stochastic and cannot be inverted: use eta=0")
         g = grid(schedule, steps, self.spacing)
-        t_up, a_up, s_up = (v[:-1][::-1].copy() for v in (g.model_t, g.alpha, g.sigma))  # the visited times, ascending
-        return Plan(t=np.concatenate([t_up[:1], t_up[:-1]]), steps=g.steps, tables={
+        t_up, a_up, s_up, x_up = (v[:-1][::-1].copy() for v in (g.model_t, g.alpha, g.sigma, g.t))  # ascending
+        return Plan(t=np.concatenate([t_up[:1], t_up[:-1]]), t_x=np.concatenate([x_up[:1], x_up[:-1]]),
+                    steps=g.steps, tables={
             "alpha": np.concatenate([[1.0], a_up[:-1]]), "sigma": np.concatenate([[0.0], s_up[:-1]]),
             "c_x0": a_up, "c_eps": s_up, "s_noise": np.zeros_like(a_up)})
 

@@ -80,6 +80,7 @@ def test_listed_spacing_options_and_steps():
 @pytest.mark.parametrize("spacing,steps,pattern", [
     ("999,999,3", 3, "strictly"), ("5,-1", 2, ">= 0"), ("abc", 3, "spacing must be one of"),
     ("1000,3,1", 3, "within [0, 999]"), ("999,3@1200,1", 3, "within [0, 999]"), ("999,500", 3, "lists 2 times but 3 steps"),
+    ("999,nan,1", 3, ">= 0"),
 ])
 def test_bad_listed_spacing_is_refused(spacing, steps, pattern):
     with pytest.raises(ToolkitError, match=pattern.replace("[", r"\[")):
@@ -153,16 +154,59 @@ def test_plans_keep_the_step_times_apart_from_the_told_times(name):
     assert all(torch.equal(shifted.tables[k], plain.tables[k]) for k in plain.tables)
 
 
-def test_inpainting_and_img2img_read_the_step_times():
+def test_inpainting_reads_the_step_times():
     from toolkit.inpainting import Inpaint
 
     shifted = Inpaint(toolkit.create("sampler", "ddim", spacing="900@880,500@520,100@90"), resample=2, jump=1)
     plain = Inpaint(toolkit.create("sampler", "ddim", spacing="900,500,100"), resample=2, jump=1)
     a, b = shifted.plan(COSINE, 3), plain.plan(COSINE, 3)
     assert all(torch.equal(a.tables[k], b.tables[k]) for k in b.tables) and torch.equal(a.t_x, b.t)
-    pipe = toolkit.compose(sampler="ddim", spacing="900@880,500@520,100@90")
-    x0 = torch.zeros((2, 1, 8, 8))
-    from toolkit.editing import truncated
 
-    assert float(truncated(pipe, 1.0).plan.t_x[0]) == 900.0
-    assert toolkit.compose(sampler="ddim", spacing="900@880,500@520,100@90").sample(2, seed=0).shape == x0.shape
+
+def test_img2img_keeps_the_listed_times_below_its_start():
+    """strength s starts at t = ⌈sT⌉ − 1: the listed entries below it are the run, and the image is noised to the
+    first one's step time (√ᾱ_t x_0 + √(1−ᾱ_t) ε, ε the stream's draw 0), not to the time the network is told."""
+    from toolkit.diffusion import alpha_bar
+    from toolkit.editing import edit_batches, truncated
+
+    pipe = toolkit.compose(sampler="ddim", spacing="900@880,500@520,300.5@280,100@90")
+    short = truncated(pipe, 0.5)
+    assert short.sampler.spacing == "300.5@280,100@90" and short.steps == 2
+    assert short.plan.t_x.tolist() == [300.5, 100.0] and short.plan.t.tolist() == [280.0, 90.0]
+    x0 = torch.zeros((2, 1, 8, 8))
+    out = torch.cat(list(edit_batches(pipe, x0, 0.5, seed=3)))
+    a = alpha_bar(short.schedule, torch.tensor([300.5], dtype=torch.float64), torch.zeros(1), torch.float64)
+    x_start = ((1 - a).sqrt() * NoiseStreams(3, range(2), (1, 8, 8)).at(0).double()).float()  # x_0 = 0
+    assert torch.allclose(out, short.sample(2, seed=3, noise=x_start), atol=1e-6)
+    with pytest.raises(ToolkitError, match="below every time"):
+        truncated(toolkit.compose(sampler="ddim", spacing="900,800"), 0.5)
+
+
+def test_evaluate_takes_a_json_list_spacing(tmp_path):
+    result = cli("evaluate", "--metric", "ode", "--sampler", "ddim:spacing=[900,400,100]", "--steps", 3, "-n", 4,
+                 "--json")
+    assert result.exit_code == 0, result.output
+    one_line_error(cli("evaluate", "--metric", "ode", "--sampler", "ddim:spacing=900,400,100", "-n", 4),
+                   "ask for 3 steps")
+
+
+def test_tuning_from_a_fractional_start_reports_what_its_spacing_gives():
+    g = tune_grid(None, "dpmpp-2m", 3, spacing="logsnr", n=8, seed=5, sweeps=1, reference_nfe=40)
+    start = float(listed_grid(g.spacing)[0][0])
+    assert start == round(start, 1) and g.start_spacing.split(",")[0] == g.spacing.split(",")[0].split("@")[0]
+    p = toolkit.compose(sampler="dpmpp-2m", spacing=g.spacing)
+    labels = torch.arange(8) % 10
+    x_T = NoiseStreams(5, range(8), p.sample_shape).draw()
+    s = as_v2(p.sampler)
+    x = run_plan(s, p.model_fn(labels), s.plan(p.schedule, 3), x_T)
+    ref = ode_reference(p, x_T, labels, start, True, 40)
+    assert float((x - ref).reshape(8, -1).pow(2).mean(1).sqrt().mean()) == pytest.approx(g.error, rel=1e-5)
+    assert g.error <= g.start_error
+
+
+def test_tune_grid_takes_its_steps_from_a_listed_spacing():
+    result = cli("tune-grid", "--sampler", "ddim", "--spacing", "900@880,500,100", "-n", 2, "--sweeps", 0,
+                 "--reference-nfe", 10, "--json", "-q")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    assert payload["steps"] == 3 and payload["spacing"] == payload["start_spacing"] == "900@880,500,100"

@@ -168,17 +168,30 @@ def interpolate(pipe, a: Any, b: Any, frames: int, labels: Any = None, *, scale:
 
 def truncated(pipe, strength: float):
     """The pipeline over the first ⌈s·T⌉ timesteps of its schedule, with about s × its steps: every sampler
-    then starts at noise level s (its own grid over the shorter schedule, first-order start included)."""
+    then starts at noise level s (its own grid over the shorter schedule, first-order start included; a listed
+    spacing keeps the times it lists below the start)."""
+    from toolkit.sampling import format_listed, listed_grid
     from toolkit.schedule import schedule_from_betas
 
     strength = check_strength(strength)
     T = pipe.schedule.num_timesteps
     T_start = max(1, min(T, math.ceil(strength * T)))
     steps = max(1, min(T_start, round(strength * pipe.steps)))
+    sampler = pipe.sampler
+    listed = listed_grid(optional.option(sampler, "spacing"))
+    if listed is not None and T_start < T:  # a listed grid: its own times below the new start
+        keep = (listed[0] < T_start) & (listed[1] < T_start)
+        if not keep.any():
+            raise ToolkitError(f"strength {strength} starts at t = {T_start - 1}, below every time the spacing lists")
+        if not attrs.has(type(sampler)):
+            raise ToolkitError(f"img2img with a listed spacing needs a sampler whose options attrs can change; "
+                               f"{optional.name(sampler)!r} is not one")
+        sampler = attrs.evolve(sampler, spacing=format_listed(listed[0][keep], listed[1][keep]))
+        steps = int(keep.sum())
     schedule = pipe.schedule if T_start == T else schedule_from_betas(
         f"{pipe.schedule.name}[:{T_start}]", pipe.schedule.betas[:T_start])
     train = pipe.train_schedule if pipe.train_schedule is not None else pipe.schedule
-    return attrs.evolve(pipe, schedule=schedule, steps=int(steps), train_schedule=train)
+    return attrs.evolve(pipe, schedule=schedule, sampler=sampler, steps=int(steps), train_schedule=train)
 
 
 @torch.no_grad()

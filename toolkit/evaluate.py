@@ -305,7 +305,7 @@ def sampler_grid(samplers: Sequence[str], etas: Sequence[float] | None,
         takes = option_names("sampler", name)
         shared = {k: v for k, v in options.items() if takes is None or k in takes}
         used |= set(shared)
-        opts = {**shared, **own}
+        opts = {k: tuple(v) if isinstance(v, list) else v for k, v in {**shared, **own}.items()}  # hashable: keys
         base = create("sampler", name, **opts)  # validates the name and the options now
         if etas and optional.option(base, "eta") is not None and "eta" not in own:
             grid += [(name, {**opts, "eta": float(e)}) for e in etas]

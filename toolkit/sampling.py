@@ -47,12 +47,23 @@ def listed_times(spacing: Any) -> np.ndarray | None:
     return None if listed is None else listed[0]
 
 
+def _number(v: float) -> str:
+    v = float(v)
+    return str(int(v)) if v.is_integer() else repr(v)
+
+
+def format_listed(times: Any, model_times: Any = None) -> str:
+    """A listed spacing from step times (and the network's times: "t@s" where they differ)."""
+    told = times if model_times is None else model_times
+    return ",".join(_number(t) + ("" if float(s) == float(t) else "@" + _number(s)) for t, s in zip(times, told))
+
+
 def _spacing_text(value: Any) -> Any:
     """A spacing option as text: a name, or listed times (a number or a list of them from JSON) joined by commas."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = [value]
     if isinstance(value, (list, tuple, np.ndarray)):
-        return ",".join(repr(float(v)) if not float(v).is_integer() else str(int(v)) for v in value)
+        return format_listed(value)
     return value
 
 
@@ -153,14 +164,16 @@ def time_grid(schedule: Schedule, steps: int, spacing: str = "uniform") -> np.nd
     """
     T = schedule.num_timesteps
     steps = check_steps(schedule, steps)
-    listed = listed_times(spacing)
-    if listed is not None:
+    both = listed_grid(spacing)
+    if both is not None:
+        listed, told = both
         if len(listed) != steps:
             raise ToolkitError(f"the spacing lists {len(listed)} times but {steps} steps were asked for: ask for "
-                               f"{len(listed)} (or leave steps out)")
-        if max(listed[0], listed_grid(spacing)[1].max()) > T - 1 or listed.min() < 0 or np.any(np.diff(listed) >= 0):
-            raise ToolkitError(f"the listed times must descend strictly within [0, {T - 1}] (the schedule's t), "
-                               f"got {spacing}")
+                               f"{len(listed)} steps")
+        ok = np.all(np.isfinite(both)) and np.all((np.stack(both) >= 0) & (np.stack(both) <= T - 1))
+        if not ok or np.any(np.diff(listed) >= 0):
+            raise ToolkitError(f"the listed times must lie within [0, {T - 1}] (the schedule's t), the step times "
+                               f"descending strictly; got {spacing}")
         return listed
     if spacing in INTEGER_SPACINGS:
         return spaced_timesteps(T, steps, spacing).numpy().astype(np.float64)

@@ -36,25 +36,22 @@ class TunedGrid:
     reference_nfe: int
 
 
-def listed_spacing(times: np.ndarray, model_times: np.ndarray | None) -> str:
-    """"999,908.2@914.6,...": step times with one decimal, "@s" where the network's time differs."""
-    out = []
-    for k, t in enumerate(times):
-        entry = f"{t:.1f}".removesuffix(".0")
-        if model_times is not None and round(float(model_times[k]), 1) != round(float(t), 1):
-            entry += "@" + f"{model_times[k]:.1f}".removesuffix(".0")
-        out.append(entry)
-    return ",".join(out)
+def listed_spacing(times: np.ndarray, model_times: np.ndarray) -> str:
+    """"999,908.2@914.6,...": step times and the network's times, to one decimal."""
+    from toolkit.sampling import format_listed
+
+    return format_listed(np.round(times, 1), np.round(model_times, 1))
 
 
 @torch.no_grad()
-def tune_grid(model: str | os.PathLike | None = None, sampler: str = "unipc", steps: int = 5, *,
+def tune_grid(model: str | os.PathLike | None = None, sampler: str = "unipc", steps: int | None = 5, *,
               schedule: str | None = None, num_timesteps: int | None = None, guidance: str | None = None,
               guidance_options: dict[str, Any] | None = None, n: int = 256, seed: int = 1000, sweeps: int = 8,
               shift: bool = True, reference_nfe: int = 500, device: str | torch.device = "cpu",
               on_sweep: Callable[[int, float], None] | None = None, **sampler_options: Any) -> TunedGrid:
     """Tune ``sampler``'s grid of ``steps`` steps on ``model`` (coordinate descent, ``sweeps`` passes);
-    the pipeline is composed as ``compose`` does, ``sampler_options`` (spacing: the grid to start from) included.
+    the pipeline is composed as ``compose`` does, ``sampler_options`` (spacing: the grid to start from) included
+    (steps None: compose's default, the length of a listed spacing).
 
     The first time stays where the sampler's own spacing starts; each later step time moves in log-SNR
     between its neighbours, and with ``shift`` each network time moves around its step time. The error is
@@ -89,6 +86,7 @@ def tune_grid(model: str | os.PathLike | None = None, sampler: str = "unipc", st
     labels = None if K is None else (torch.arange(n) % K).to(pipe.device)
     x_T = NoiseStreams(seed, range(n), pipe.sample_shape, pipe.device).draw()
     clip = optional.clip_x0(pipe.sampler)
+    times = np.round(times, 1)  # the grid as it will be printed, from the first time on
     reference = ode_reference(pipe, x_T, labels, float(times[0]), clip, reference_nfe)
     fn = pipe.model_fn(labels)
 
@@ -100,9 +98,8 @@ def tune_grid(model: str | os.PathLike | None = None, sampler: str = "unipc", st
 
     def valid(t: np.ndarray) -> bool:
         r = np.round(t, 1)
-        return bool(np.all(np.diff(r) < 0) and r[-1] > 0)
+        return bool(np.all(np.diff(r) < 0) and r[-1] >= 0)
 
-    times = np.round(times, 1)
     start = listed_spacing(times, np.clip(times + shifts, 0, T - 1))
     best = start_error = error(times, shifts)
     lam_end = float(log_snr_at(sched, 0.0))

@@ -55,7 +55,7 @@ def tune_grid_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_opti
         if not quiet:
             click.echo(f"sweep {sweep + 1}/{sweeps}: RMS distance {error:.5f}", err=True)
 
-    result = tune_grid(model, sampler, 5 if steps is None else steps, schedule=schedule, num_timesteps=num_timesteps,
+    result = tune_grid(model, sampler, steps, schedule=schedule, num_timesteps=num_timesteps,
                        guidance=guidance, guidance_options=guidance_options or None, n=n, seed=seed, sweeps=sweeps,
                        shift=shift, reference_nfe=reference_nfe, device=device, on_sweep=report, **options)
     payload = {"model": model or "digits", **attrs.asdict(result)}
