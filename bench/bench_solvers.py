@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 import toolkit
-from toolkit.evaluate import feature_space, ode_reference
+from toolkit.evaluate import feature_space, ode_reference, rms_distance as rms
 from toolkit.metrics import frechet_distance
 from toolkit.noise import NoiseStreams
 from toolkit.tuned_grid import tune_grid
@@ -85,10 +85,6 @@ def ours_sampler(name: str, clip: bool, spacing: str | None):
     if spacing is not None:
         opts["spacing"] = spacing
     return toolkit.create("sampler", name, **opts)
-
-
-def rms(a: Tensor, b: Tensor) -> float:
-    return float((a - b).reshape(len(a), -1).pow(2).mean(1).sqrt().mean())
 
 
 def ode_section(pipe, fn, x_T: Tensor, labels: Tensor, nfes, reference_nfe: int,

@@ -368,6 +368,11 @@ def ode_reference(pipe, x_T: Tensor, labels: Tensor | None, t_start: float, clip
     return x.float()
 
 
+def rms_distance(x: Tensor, reference: Tensor) -> float:
+    """The ODE error: the RMS distance per sample to the reference, averaged over samples."""
+    return float((x - reference).reshape(len(x), -1).pow(2).mean(1).sqrt().mean())
+
+
 def ode_errors(model: str | os.PathLike | None, samplers: Sequence[tuple[str, dict[str, Any]]],
                steps: Sequence[int], *, n: int = 100, seed: int = 0, guidance: str | None = None,
                guidance_options: dict[str, Any] | None = None, conditional: bool = True, batch_size: int = 500,
@@ -406,8 +411,7 @@ def ode_errors(model: str | os.PathLike | None, samplers: Sequence[tuple[str, di
             key = (float(plan.t_x[0]), clip)
             if key not in references:
                 references[key] = ode_reference(pipe, x_T, y, key[0], clip, reference_nfe)
-            d = (x - references[key]).reshape(n, -1)
-            err = float(d.pow(2).mean(1).sqrt().mean())
+            err = rms_distance(x, references[key])
         rows.append(QualityRow(name, dict(opts), int(s), None, None, None, rate, n, pipe.nfe, err))
     return rows
 

@@ -57,7 +57,7 @@ def tune_grid(model: str | os.PathLike | None = None, sampler: str = "unipc", st
     between its neighbours, and with ``shift`` each network time moves around its step time. The error is
     measured on n draws of x_T from ``seed`` (keep it apart from the seeds you evaluate with).
     """
-    from toolkit.evaluate import ode_reference
+    from toolkit.evaluate import ode_reference, rms_distance
     from toolkit.noise import NoiseStreams
     from toolkit.pipeline import compose
     from toolkit.registry import create, option_names
@@ -94,7 +94,7 @@ def tune_grid(model: str | os.PathLike | None = None, sampler: str = "unipc", st
         text = listed_spacing(t, np.clip(t + s, 0, T - 1))
         smp = as_v2(create("sampler", sampler, **{**options, "spacing": text}))
         x = run_plan(smp, fn, smp.plan(sched, S), x_T)
-        return float((x - reference).reshape(n, -1).pow(2).mean(1).sqrt().mean())
+        return rms_distance(x, reference)
 
     def valid(t: np.ndarray) -> bool:
         r = np.round(t, 1)
