@@ -177,6 +177,7 @@ class Heun:
     spacing: str = spacing_field("karras")
     default_steps: int | None = 10
     name: str = field(default="heun", init=False)
+    iterations_per_step = 2  # Euler stage + correction: inpainting's resampling blocks must start at a step
 
     def plan(self, schedule: Schedule, steps: int) -> Plan:
         g = grid(schedule, check_steps(schedule, steps), self.spacing)

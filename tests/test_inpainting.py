@@ -158,6 +158,16 @@ def test_a_solver_that_rebuilds_x_from_its_history_is_refused():
         pipe.inpaint(torch.zeros(1, 1, 8, 8), torch.ones(8, 8))
 
 
+def test_heun_needs_an_even_jump_so_every_block_starts_at_a_step():
+    """Heun's plan has two iterations per step (Euler stage, correction): a block of 3 would start at a
+    correction, pairing the saved Euler stage with a re-noised x. Resample 1 never jumps, so any jump is fine."""
+    pipe = toolkit.compose(sampler="heun", steps=5)
+    with pytest.raises(toolkit.ToolkitError, match="--jump must be a multiple of 2"):
+        pipe.inpaint(torch.zeros(1, 1, 8, 8), torch.ones(8, 8), resample=2, jump=3)
+    assert pipe.inpaint(torch.zeros(1, 1, 8, 8), torch.ones(8, 8), resample=1, jump=3).shape == (1, 1, 8, 8)
+    assert pipe.inpaint(torch.zeros(1, 1, 8, 8), torch.ones(8, 8), resample=2, jump=4).isfinite().all()
+
+
 def test_plugin_api_1_is_refused():
     from helpers import V1DDIM
 
@@ -229,6 +239,7 @@ def test_cli_bad_inpainting_input(tmp_path, digits):
         (("--mask", "middle"), "--mask must be one of"),
         (("--mask", "lower-half", "--strength", "0.5"), "drop --strength"),
         (("--mask", "lower-half", "--resample", "0"), "resample must be a positive integer"),
+        (("--mask", "lower-half", "--sampler", "heun", "--jump", "3"), "--jump must be a multiple of 2"),
     ]
     for extra, pattern in cases:
         one_line_error(run("compose", "--init", tmp_path / "d.npy", *extra, "--steps", 4, "--out", out), pattern)

@@ -102,6 +102,10 @@ class Inpaint:
             raise ToolkitError(f"sampler {self.name!r} rebuilds x from its own history at every step, so the known "
                                "region injected between steps would be lost: inpaint with ddim, ddpm, dpmpp-2m, heun "
                                "or euler-a")
+        per_step = int(optional.option(self.base, "iterations_per_step", 1))
+        if self.resample > 1 and self.jump % per_step:
+            raise ToolkitError(f"sampler {self.name!r} takes {per_step} loop iterations per step, so --jump must be a "
+                               f"multiple of {per_step} for every resampling block to start at a step, got {self.jump}")
         base = as_v2(self.base).plan(schedule, steps)
         n = len(base)
         if n < 1:
