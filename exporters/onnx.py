@@ -715,7 +715,10 @@ def _digest_file(path: Path) -> str:
 
 def _cache_entry_ok(path: Path, pipeline: Pipeline, layout: str) -> bool:
     """A cached graph is used only when its recorded hash matches its bytes and its metadata is the pipeline's."""
-    onnx = _onnx()
+    try:
+        import onnx  # not _onnx(): reading a cached graph needs no exporter (onnxscript takes 0.5 s to import)
+    except ImportError:
+        return False
     digest = path.with_suffix(".sha256")
     try:
         if digest.read_text().strip() != _digest_file(path):

@@ -94,6 +94,74 @@ def test_thread_counts(tmp_path, cache, monkeypatch):
         backends.select(pipe, "tvm")
 
 
+class _Recorder:
+    """An onnxruntime session that records the batch of each call (what SamplerSession sends it)."""
+
+    def __init__(self, inner):
+        self.inner, self.batches = inner, []
+
+    def run(self, names, feed):
+        self.batches.append(len(feed["index"]) if "index" in feed else feed["noise"].shape[1])
+        assert "x_T" not in feed or len(feed["x_T"]) == feed["noise"].shape[1]  # noise's batch is its axis 1
+        return self.inner.run(names, feed)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_threads_split_the_batch_into_shards_that_give_the_same_samples(tmp_path):
+    """On the CPU a session runs a batch as `threads` contiguous shards at once (one onnxruntime thread each;
+    onnxruntime's own intra-op threads cost more CPU): the samples are those of one call, labels and per-sample
+    scales follow their samples, and noise fed as inputs is split on its batch axis (1)."""
+    from toolkit.exporters.onnx import export_sampler
+
+    pipe = toolkit.compose(sampler="ddpm", steps=4, guidance="cfg")
+    seeded = export_sampler(pipe, tmp_path / "s.onnx")
+    labels, scale = [0, 1, 2, 3, 4, 5, 6], [0.0, 1.0, 2.0, 3.0, 1.5, 0.5, 4.0]
+    one = SamplerSession(seeded, provider="cpu", threads=1)
+    three = SamplerSession(seeded, provider="cpu", threads=3)
+    three.session = _Recorder(three.session)
+    a = one.run_seed(5, range(7), labels, scale)
+    b = three.run_seed(5, range(7), labels, scale)
+    assert sorted(three.session.batches) == [2, 2, 3]  # 7 samples in 3 shards
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)
+    assert np.abs(a[0] - a[1]).max() > 0.1  # different labels and scales: the test can tell samples apart
+    three.session.batches.clear()
+    assert np.abs(three.run_seed(5, [3], [3], [3.0]) - a[3]).max() <= 1e-6 and three.session.batches == [1]
+
+    fed = export_sampler(pipe, tmp_path / "n.onnx", noise="inputs")
+    one, two = SamplerSession(fed, provider="cpu", threads=1), SamplerSession(fed, provider="cpu", threads=2)
+    two.session = _Recorder(two.session)
+    rng = np.random.default_rng(0)
+    x_T = rng.standard_normal((5, *pipe.sample_shape)).astype(np.float32)
+    noise = rng.standard_normal((one.noise_slots, 5, *pipe.sample_shape)).astype(np.float32)
+    np.testing.assert_allclose(two.run(x_T, noise, labels[:5], scale[:5]), one.run(x_T, noise, labels[:5], scale[:5]),
+                               rtol=0, atol=1e-6)
+    assert sorted(two.session.batches) == [2, 3]
+
+
+STARTUP = """
+import sys, toolkit
+from toolkit import backends
+pipe = toolkit.compose(steps=3)
+assert "torch._dynamo" not in sys.modules, "loading a model imported torch._dynamo"
+engine = backends.select(pipe, "auto")
+assert engine.name == "onnxruntime", engine.reason
+heavy = [m for m in ("torch._dynamo", "onnxscript", "torch.onnx._internal.exporter") if m in sys.modules]
+assert not heavy, heavy
+print("ok")
+"""
+
+
+def test_a_command_with_a_cached_graph_imports_no_compiler_or_exporter(cache):
+    """torch._dynamo (imported by a meta-device build's normal_/arange) and onnxscript cost about 1.5 s of
+    CPU at every start; neither is needed to load a model or run its cached graph."""
+    env = {**os.environ, "TOOLKIT_CACHE_DIR": str(cache.parent)}
+    backends.select(toolkit.compose(steps=3), "auto")  # exports and verifies into the cache once
+    proc = subprocess.run([sys.executable, "-c", STARTUP], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
 def _page_faults(tuning: str) -> int:
     code = ("import resource, toolkit\n"
             "from toolkit.allocator import tune_allocator\n"

@@ -101,6 +101,24 @@ def fits_disk(what: str, nbytes: float, folder: str | os.PathLike) -> None:
         raise ToolkitError(f"{what} would take {human(nbytes)} on disk; {str(folder)!r} has {human(free)} free")
 
 
+def _SkipMetaNormal():
+    """A torch-function mode that skips ``normal_`` on meta tensors: they hold no values, and on meta it runs
+    through torch._refs, whose first use imports torch._dynamo (about 1 s of CPU in every command that loads
+    a model with an embedding)."""
+    import torch
+
+    class Mode(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.nn.init.normal_ or func is torch.Tensor.normal_:
+                tensor = args[0] if args else kwargs.get("tensor", kwargs.get("self"))
+                if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                    return tensor
+            return func(*args, **kwargs)
+
+    return Mode()
+
+
 def bounded_module(what: str, factory: Callable[[], Any], copies: int = 1) -> Any:
     """Build a network only after its parameters are known to fit in memory: it is built once on the meta
     device (no storage) and counted (``copies``: 5 when training, for EMA, gradients and AdamW's two
@@ -110,7 +128,7 @@ def bounded_module(what: str, factory: Callable[[], Any], copies: int = 1) -> An
     from toolkit.errors import PluginError
 
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _SkipMetaNormal():
             probe = factory()
         params = sum(p.numel() * p.element_size() for p in probe.parameters()) if hasattr(probe, "parameters") else 0
     except PluginError:

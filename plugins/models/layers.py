@@ -9,9 +9,11 @@ from torch import Tensor, nn
 
 
 def embedding_frequencies(dim: int, max_period: float = 10000.0, device: torch.device | str | None = None) -> Tensor:
-    """The dim // 2 frequencies max_period^(-k / half) of ``timestep_embedding``."""
+    """The dim // 2 frequencies max_period^(-k / half) of ``timestep_embedding``: computed on the CPU, also
+    inside a ``torch.device("meta")`` build (on meta, arange would import torch._dynamo: about 1 s of CPU)."""
     half = dim // 2
-    return torch.exp(-math.log(max_period) * torch.arange(half, device=device, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device="cpu", dtype=torch.float32) / half)
+    return freqs if device is None else freqs.to(device)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, freqs: Tensor | None = None) -> Tensor:
