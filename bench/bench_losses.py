@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume-from", type=int, default=None, help="continue the cached runs of this many steps")
     ap.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip of every run (0: none)")
+    ap.add_argument("--lr", type=float, default=1e-3, help="learning rate of every run")
     ap.add_argument("--runs", default=",".join(RUNS), help=f"which objectives, in this order (of {', '.join(RUNS)})")
     args = ap.parse_args()
     names = [r for r in args.runs.split(",") if r]
@@ -47,7 +48,8 @@ def main() -> None:
     CACHE.mkdir(exist_ok=True)
     rows = []
     for label, options, variance in (RUNS[r] for r in names):
-        options = {**options, **({"grad_clip": args.grad_clip} if args.grad_clip != 1.0 else {})}
+        options = {**options, **({"grad_clip": args.grad_clip} if args.grad_clip != 1.0 else {}),
+                   **({"lr": args.lr} if args.lr != 1e-3 else {})}
         tag = "-".join(f"{k}={v}" for k, v in sorted(options.items()))
         out = CACHE / f"losses-{tag}-{args.steps}-seed{args.seed}"
         t0 = time.perf_counter()
@@ -70,10 +72,11 @@ def main() -> None:
     result = json.loads(path.read_text()) if path.is_file() else {}
     key = "loss_table" if args.steps == 4000 else f"loss_table_{args.steps}"  # one table per budget and recipe
     key += "" if args.grad_clip == 1.0 else f"_clip{args.grad_clip:g}"
+    key += "" if args.lr == 1e-3 else f"_lr{args.lr:g}"
     old = {row["objective"]: row for row in result.get(key, {}).get("rows", [])}
     old.update({row["objective"]: row for row in rows})  # a partial --runs keeps the other rows of this budget
     rows = [old[label] for label, _, _ in RUNS.values() if label in old]
-    result[key] = {"recipe": {"steps": args.steps, "batch_size": 128, "lr": 1e-3, "ema_decay": 0.999,
+    result[key] = {"recipe": {"steps": args.steps, "batch_size": 128, "lr": args.lr, "ema_decay": 0.999,
                                        "schedule": "cosine", "seed": args.seed, "grad_clip": args.grad_clip}, "limit": args.limit, "rows": rows}
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
