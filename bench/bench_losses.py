@@ -76,8 +76,9 @@ def main() -> None:
     old = {row["objective"]: row for row in result.get(key, {}).get("rows", [])}
     old.update({row["objective"]: row for row in rows})  # a partial --runs keeps the other rows of this budget
     rows = [old[label] for label, _, _ in RUNS.values() if label in old]
-    result[key] = {"recipe": {"steps": args.steps, "batch_size": 128, "lr": args.lr, "ema_decay": 0.999,
-                                       "schedule": "cosine", "seed": args.seed, "grad_clip": args.grad_clip}, "limit": args.limit, "rows": rows}
+    recipe = {"steps": args.steps, "batch_size": 128, "lr": args.lr, "ema_decay": 0.999, "schedule": "cosine",
+              "seed": args.seed, "grad_clip": args.grad_clip}
+    result[key] = {"recipe": recipe, "limit": args.limit, "rows": rows}
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
 

@@ -167,8 +167,9 @@ def fd_section(pipe, fn_for, space, real, n: int, seeds, nfes, tuned: dict[int, 
             fds.append(frechet_distance(real, space.features(x)))
             probs = space.probs(x)
             accs.append(float((probs.argmax(1) == labels.numpy()).mean()))
-        label = "unipc (tuned grid)" if "spacing=" in name and name.split("spacing=")[1][0].isdigit() else name
-        row = {"side": side, "sampler": label, "spacing": name.split("spacing=")[1] if "spacing=" in name else None,
+        spacing = name.split("spacing=")[1] if "spacing=" in name else None
+        label = "unipc (tuned grid)" if listed_times(spacing) is not None else name
+        row = {"side": side, "sampler": label, "spacing": spacing,
                "steps": steps, "nfe": nfe_used, "fd": fds,
                "fd_mean": float(np.mean(fds)), "fd_std": float(np.std(fds, ddof=1)) if len(fds) > 1 else 0.0,
                "accuracy": float(np.mean(accs)), "seconds": seconds}

@@ -3,8 +3,8 @@
 ``auto`` (what ``compose`` and ``evaluate`` use unless told otherwise) picks onnxruntime on the CPU when
 the pipeline exports and its graph, checked once against torch on a few samples, agrees within
 ``VERIFY_TOLERANCE`` (its loop takes 0.25–0.85 of torch's CPU time, batch 1 to 256,
-`bench/bench_sampling.py`); else torch, with the reason. Both engines give the same samples for the same seed: the graph makes its noise with the
-same counter-based generator (``toolkit.rng``) as the torch backend.
+`bench/bench_sampling.py`); else torch, with the reason. Both engines give the same samples for the same
+seed: the graph makes its noise with the same counter-based generator (``toolkit.rng``) as the torch backend.
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ def fits_disk(what: str, nbytes: float, folder: str | os.PathLike) -> None:
         raise ToolkitError(f"{what} would take {human(nbytes)} on disk; {str(folder)!r} has {human(free)} free")
 
 
-def _SkipMetaNormal():
+def _skip_meta_normal():
     """A torch-function mode that skips ``normal_`` on meta tensors: they hold no values, and on meta it runs
     through torch._refs, whose first use imports torch._dynamo (about 1 s of CPU in every command that loads
     a model with an embedding)."""
@@ -128,7 +128,7 @@ def bounded_module(what: str, factory: Callable[[], Any], copies: int = 1) -> An
     from toolkit.errors import PluginError
 
     try:
-        with torch.device("meta"), _SkipMetaNormal():
+        with torch.device("meta"), _skip_meta_normal():
             probe = factory()
         params = sum(p.numel() * p.element_size() for p in probe.parameters()) if hasattr(probe, "parameters") else 0
     except PluginError:
