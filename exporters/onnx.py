@@ -27,6 +27,7 @@ from toolkit import optional
 from toolkit._version import __version__
 from toolkit.errors import ToolkitError
 from toolkit.files import atomic_write
+from toolkit.graph_index import cache_dir, digest_file, private_dir
 from toolkit.pipeline import Pipeline
 from toolkit.protocols import GradientGuidance
 from toolkit.sampling import as_v2, check_standard_loop, is_v2
@@ -668,13 +669,6 @@ def export_predictor(predictor: nn.Module | Pipeline, path: str | os.PathLike,
 # ---------------------------------------------------------------- the onnxruntime backend of compose
 
 
-def cache_dir() -> Path:
-    """Where graphs exported on the fly are kept: $TOOLKIT_CACHE_DIR or ~/.cache/diffusion-toolkit."""
-    root = os.environ.get("TOOLKIT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "diffusion-toolkit")
-    return Path(root) / "onnx"
-
-
 def _fingerprint(pipeline: Pipeline, layout: str) -> str:
     """The cache key of a pipeline's graph: everything the metadata records, the schedule, the weights."""
     import hashlib
@@ -689,30 +683,6 @@ def _fingerprint(pipeline: Pipeline, layout: str) -> str:
     return h.hexdigest()[:24]
 
 
-def _private_dir(folder: Path) -> Path:
-    """The cache folder, made 0700 if new; refused unless it belongs to this user and no one else can write it
-    (a graph planted there would run as this user's sampler)."""
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if not hasattr(os, "getuid"):
-        return folder
-    for part in (folder, folder.parent):
-        st = part.stat()
-        if st.st_uid != os.getuid() or st.st_mode & 0o022:
-            raise ToolkitError(f"refusing the ONNX cache {str(folder)!r}: {str(part)!r} belongs to another user or "
-                               "others can write to it; set TOOLKIT_CACHE_DIR to a private folder")
-    return folder
-
-
-def _digest_file(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _cache_entry_ok(path: Path, pipeline: Pipeline, layout: str) -> bool:
     """A cached graph is used only when its recorded hash matches its bytes and its metadata is the pipeline's."""
     try:
@@ -721,7 +691,7 @@ def _cache_entry_ok(path: Path, pipeline: Pipeline, layout: str) -> bool:
         return False
     digest = path.with_suffix(".sha256")
     try:
-        if digest.read_text().strip() != _digest_file(path):
+        if digest.read_text().strip() != digest_file(path):
             return False
         model = onnx.load(str(path), load_external_data=False)
     except Exception:  # noqa: BLE001 - unreadable or corrupt: export again
@@ -738,11 +708,11 @@ def cached_sampler_graph(pipeline: Pipeline, layout: str = DEFAULT_LAYOUT) -> Pa
     recorded beside it and checked, and its metadata must describe this very pipeline (sampler, options,
     steps, time grid, schedule, guidance, shapes), else it is exported again.
     """
-    folder = _private_dir(cache_dir())
+    folder = private_dir(cache_dir())
     path = folder / f"{pipeline.sampler.name}-{pipeline.steps}-{_fingerprint(pipeline, layout)}.onnx"
     if not (path.is_file() and _cache_entry_ok(path, pipeline, layout)):
         export_sampler(pipeline, path, layout=layout)
-        digest = _digest_file(path)
+        digest = digest_file(path)
         atomic_write(path.with_suffix(".sha256"), lambda tmp: Path(tmp).write_text(digest + "\n"))
     return path
 
@@ -756,31 +726,8 @@ def sample_onnx(session, n: int, seed: int = 0, labels: Any = None, scale: Any =
 
 def onnx_batches(session, n: int, seed: int = 0, labels: Any = None, scale: Any = None, *, offset: int = 0,
                  batch_size: int = 500, image: Any = None, mask: Any = None) -> Iterator[Tensor]:
-    """The samples of :func:`sample_onnx`, one batch at a time (what ``compose -n LARGE --out x.npy`` streams);
-    an inpainting graph's image [n, ...] and mask (one for all or one per image) are sliced with them."""
-    from toolkit.exporters.runtime import GraphError
+    """The samples of :func:`sample_onnx`, one batch at a time as tensors (``backends.graph_batches``)."""
+    from toolkit.backends import graph_batches
 
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ToolkitError(f"n must be a positive integer, got {n!r}")
-    y = None if labels is None else list(labels) if isinstance(labels, (list, tuple)) else labels
-    if isinstance(y, list) and not y:
-        raise ToolkitError("labels must not be empty")
-
-    def batches() -> Iterator[Tensor]:
-        for start in range(0, n, batch_size):
-            stop = min(n, start + batch_size)
-            yb = y
-            if isinstance(y, list):  # sample i takes label i mod len(labels)
-                yb = [y[i % len(y)] for i in range(start, stop)]
-            scale_b = scale[start:stop] if isinstance(scale, (list, tuple)) and len(scale) == n else scale
-            known = {k: (v[start:stop] if v.ndim == len(session.sample_shape) + 1 and len(v) == n else v)
-                     for k, v in (("image", image), ("mask", mask)) if v is not None}
-            known = {k: v.numpy() if isinstance(v, Tensor) else v for k, v in known.items()}
-            try:
-                x = session.sample(stop - start, seed=seed, labels=yb, scale=scale_b, offset=offset + start,
-                                   batch_size=stop - start, **known)
-            except GraphError as exc:
-                raise ToolkitError(str(exc)) from exc
-            yield torch.from_numpy(x)
-
-    return batches()
+    return (torch.from_numpy(x) for x in graph_batches(session, n, seed, labels, scale, offset=offset,
+                                                        batch_size=batch_size, image=image, mask=mask))

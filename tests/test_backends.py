@@ -162,6 +162,109 @@ def test_a_command_with_a_cached_graph_imports_no_compiler_or_exporter(cache):
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
+RECORDED = """
+import sys
+from toolkit.cli.base import cli
+try:
+    cli.main(sys.argv[1:], prog_name="toolkit")
+finally:
+    print("torch imported" if "torch" in sys.modules else "no torch", file=sys.stderr)
+"""
+
+
+def _compose_in_subprocess(cache, cwd, *args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TOOLKIT_CACHE_DIR": str(cache.parent)}
+    env.pop("TOOLKIT_BACKEND", None)
+    return subprocess.run([sys.executable, "-c", RECORDED, "compose", *map(str, args)], capture_output=True,
+                          text=True, env=env, cwd=cwd, timeout=600)
+
+
+def test_a_repeated_compose_samples_its_recorded_graph_without_importing_torch(tmp_path, cache, monkeypatch):
+    """Importing torch is about 2 s of CPU in every command; a request that already ran through its verified graph
+    needs only onnxruntime. Same samples (those of torch within 1e-4), same result line."""
+    monkeypatch.chdir(tmp_path)
+    args = ["--sampler", "ddpm", "--steps", 8, "--class", "3,5", "-n", 6, "--seed", 4]
+    first = run("compose", *args, "--out", "first.npy")
+    assert first.exit_code == 0 and "onnxruntime cpu" in first.output, first.output
+    again = _compose_in_subprocess(cache, tmp_path, *args, "--out", "again.npy")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stderr.strip().endswith("no torch"), again.stderr[-2000:]
+    assert again.stdout.replace("again.npy", "first.npy").strip() == first.output.strip()
+    assert np.array_equal(np.load(tmp_path / "again.npy"), np.load(tmp_path / "first.npy"))
+    r = run("compose", *args, "--out", "torch.npy", "--backend", "torch")
+    assert r.exit_code == 0, r.output
+    assert np.abs(np.load(tmp_path / "again.npy") - np.load(tmp_path / "torch.npy")).max() <= 1e-4
+    png = _compose_in_subprocess(cache, tmp_path, *args, "--out", "again.png")  # the grid is drawn without torch
+    assert png.returncode == 0 and png.stderr.strip().endswith("no torch"), png.stderr[-2000:]
+    assert run("compose", *args, "--out", "first.png").exit_code == 0
+    assert (tmp_path / "again.png").read_bytes() == (tmp_path / "first.png").read_bytes()
+    other = _compose_in_subprocess(cache, tmp_path, *args[:3], 9, *args[4:], "--out", "nine.npy")  # not recorded
+    assert other.returncode == 0 and other.stderr.strip().endswith("torch imported"), other.stderr[-2000:]
+    (graph,) = cache.glob("ddpm-8-*.onnx")  # an app's graph (compose --onnx) needs no torch either
+    app = _compose_in_subprocess(cache, tmp_path, "--onnx", graph, *args[4:], "--out", "app.npy")
+    assert app.returncode == 0 and app.stderr.strip().endswith("no torch"), app.stderr[-2000:]
+    assert np.array_equal(np.load(tmp_path / "app.npy"), np.load(tmp_path / "first.npy"))
+
+
+def test_a_recorded_request_is_not_reused_once_its_weights_change(tmp_path, cache, monkeypatch):
+    """The checkpoint's files are part of the record: new weights take the full path and give their own samples."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from toolkit.checkpoint import resolve_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(resolve_checkpoint("digits"), tmp_path / "mine")
+    args = ["--model", "mine", "--steps", 6, "-n", 4, "--class", "7"]
+    assert run("compose", *args, "--out", "old.npy").exit_code == 0
+    hit = _compose_in_subprocess(cache, tmp_path, *args, "--out", "hit.npy")
+    assert hit.returncode == 0 and hit.stderr.strip().endswith("no torch"), hit.stderr[-2000:]
+    weights = tmp_path / "mine" / "model.safetensors"
+    tensors = load_file(weights)
+    name = sorted(k for k in tensors if k.endswith("weight") and tensors[k].ndim == 4)[-1]
+    tensors[name] = tensors[name] * np.float32(1.5)
+    save_file(tensors, weights)
+    miss = _compose_in_subprocess(cache, tmp_path, *args, "--out", "new.npy")
+    assert miss.returncode == 0 and miss.stderr.strip().endswith("torch imported"), miss.stderr[-2000:]
+    assert run("compose", *args, "--out", "torch.npy", "--backend", "torch").exit_code == 0
+    new, old = np.load(tmp_path / "new.npy"), np.load(tmp_path / "old.npy")
+    assert np.abs(new - old).max() > 1e-2  # the new weights sampled, not the recorded graph
+    assert np.abs(new - np.load(tmp_path / "torch.npy")).max() <= 1e-4
+
+
+def test_a_record_is_dropped_when_code_its_check_or_a_shadowing_folder_changes(tmp_path, cache, monkeypatch):
+    from toolkit import graph_index
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "probe_module_of_the_index.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import probe_module_of_the_index  # noqa: F401 - loaded code: part of what a record depends on
+
+    assert run("compose", "--steps", 5, "-n", 2, "--out", "a.npy").exit_code == 0
+    (index,) = (cache / "requests").glob("*.json")
+    key = index.stem
+    assert graph_index.lookup(key) is not None
+    probe = tmp_path / "probe_module_of_the_index.py"
+    st = probe.stat()
+    os.utime(probe, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the code changed
+    assert graph_index.lookup(key) is None
+    os.utime(probe, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert graph_index.lookup(key) is not None
+    (tmp_path / "digits").mkdir()  # a folder here named like the default model would now be read instead
+    assert graph_index.lookup(key) is None
+    (tmp_path / "digits").rmdir()
+    (verified,) = cache.glob("*.verified.json")
+    record = json.loads(verified.read_text())
+    verified.write_text(json.dumps({**record, "max_abs_diff": 0.5}))  # its torch check no longer passes
+    assert graph_index.lookup(key) is None
+    verified.write_text(json.dumps(record))
+    assert graph_index.lookup(key) is not None
+    (graph_file,) = cache.glob("*.onnx")
+    graph_file.write_bytes(graph_file.read_bytes() + b"\0")  # the graph is not the one checked
+    assert graph_index.lookup(key) is None
+
+
 def _page_faults(tuning: str) -> int:
     code = ("import resource, toolkit\n"
             "from toolkit.allocator import tune_allocator\n"

@@ -300,9 +300,9 @@ def test_the_onnx_cache_trusts_nothing_it_did_not_check(tmp_path, monkeypatch):
     (entry,) = (tmp_path / "cache" / "onnx").glob("ddim-10-*.onnx")
     planted = export_sampler(toolkit.compose(steps=3), tmp_path / "three.onnx")
     shutil.copy(planted, entry)
-    from toolkit.exporters.onnx import _digest_file
+    from toolkit.graph_index import digest_file
 
-    entry.with_suffix(".sha256").write_text(_digest_file(entry) + "\n")
+    entry.with_suffix(".sha256").write_text(digest_file(entry) + "\n")
     assert run("compose", "--backend", "onnxruntime", *common, "--out", got).exit_code == 0
     assert np.abs(np.load(ref) - np.load(got)).max() < 1e-4  # the planted graph did not run
     entry.write_bytes(entry.read_bytes()[:1000])  # a corrupt entry: exported again

@@ -12,17 +12,20 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-import torch
+import numpy as np
 from attrs import define, field
-from torch import Tensor
 
 from toolkit.errors import ToolkitError
-from toolkit.pipeline import Pipeline
+from toolkit.graph_index import VERIFY_TOLERANCE
+
+if TYPE_CHECKING:  # imported where used: a recorded graph (toolkit.graph_index) samples without importing torch
+    from torch import Tensor
+
+    from toolkit.pipeline import Pipeline
 
 BACKENDS = ("auto", "torch", "onnxruntime")
-VERIFY_TOLERANCE = 1e-4  # largest |torch - onnxruntime| over the check's samples
 VERIFY_SAMPLES = 2
 
 
@@ -50,7 +53,12 @@ class Engine:
     @property
     def label(self) -> str:
         """What ran, as the command reports it: 'torch' or 'onnxruntime cpu, 2 threads'."""
-        threads = torch.get_num_threads() if self.name == "torch" else self.session.threads
+        if self.name == "torch":
+            import torch
+
+            threads = torch.get_num_threads()
+        else:
+            threads = self.session.threads
         device = self.pipeline.device.type if self.name == "torch" else self.session.provider
         return f"{self.name} {device}, {threads} thread{'' if threads == 1 else 's'}"
 
@@ -61,7 +69,7 @@ class Engine:
         pipe = self.pipeline
         if self.name == "torch":
             return pipe.batches(n, seed, labels, scale=scale, offset=offset, batch_size=batch_size, progress=progress)
-        from toolkit.exporters.onnx import onnx_batches
+        import torch
 
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ToolkitError(f"n must be a positive integer, got {n!r}")
@@ -71,24 +79,26 @@ class Engine:
         if scale is not None and pipe.guidance is None:
             raise ToolkitError("scale given but the pipeline has no guidance")
         s = scale
-        if isinstance(s, Tensor):
+        if isinstance(s, torch.Tensor):
             s = float(s) if s.numel() == 1 else s.reshape(-1).tolist()
         elif isinstance(s, (list, tuple)) and len(s) == 1:
             s = float(s[0])
         bs = batch_size or pipe.batch_size
-        inner = onnx_batches(self.session, n, seed, None if y is None else y.tolist(), s, offset=offset,
-                             batch_size=bs)
+        inner = graph_batches(self.session, n, seed, None if y is None else y.tolist(), s, offset=offset,
+                              batch_size=bs)
 
         def ticking() -> Iterator[Tensor]:
             for x in inner:
                 if progress is not None:
                     progress(pipe.iterations)
-                yield x
+                yield torch.from_numpy(x)
 
         return ticking()
 
     def sample(self, n: int, seed: int = 0, labels: int | Sequence[int] | Tensor | None = None, **kw: Any) -> Tensor:
         """All n samples at once [n, *output_shape]."""
+        import torch
+
         return torch.cat(list(self.batches(n, seed, labels, **kw)))
 
 
@@ -100,6 +110,38 @@ def open_session(path: str | os.PathLike, provider: str, threads: int | None):
         return SamplerSession(path, provider=provider, threads=threads)
     except GraphError as exc:
         raise ToolkitError(str(exc)) from exc
+
+
+def graph_batches(session, n: int, seed: int = 0, labels: Any = None, scale: Any = None, *, offset: int = 0,
+                  batch_size: int = 500, image: Any = None, mask: Any = None) -> Iterator[np.ndarray]:
+    """Samples offset..offset+n-1 of run ``seed`` from a ``runtime.SamplerSession``, one numpy batch at a time;
+    labels (a list) are cycled over the samples, an inpainting graph's image [n, ...] and mask (one for all or
+    one per image) are sliced with them. Needs no torch."""
+    from toolkit.exporters.runtime import GraphError
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ToolkitError(f"n must be a positive integer, got {n!r}")
+    y = None if labels is None else list(labels) if isinstance(labels, (list, tuple)) else labels
+    if isinstance(y, list) and not y:
+        raise ToolkitError("labels must not be empty")
+
+    def batches() -> Iterator[np.ndarray]:
+        for start in range(0, n, batch_size):
+            stop = min(n, start + batch_size)
+            yb = y
+            if isinstance(y, list):  # sample i takes label i mod len(labels)
+                yb = [y[i % len(y)] for i in range(start, stop)]
+            scale_b = scale[start:stop] if isinstance(scale, (list, tuple)) and len(scale) == n else scale
+            known = {k: (v[start:stop] if v.ndim == len(session.sample_shape) + 1 and len(v) == n else v)
+                     for k, v in (("image", image), ("mask", mask)) if v is not None}
+            known = {k: v.numpy() if hasattr(v, "numpy") else v for k, v in known.items()}
+            try:
+                yield session.sample(stop - start, seed=seed, labels=yb, scale=scale_b, offset=offset + start,
+                                     batch_size=stop - start, **known)
+            except GraphError as exc:
+                raise ToolkitError(str(exc)) from exc
+
+    return batches()
 
 
 def _session(path: Path, pipe: Pipeline, threads: int | None):

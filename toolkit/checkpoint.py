@@ -7,13 +7,15 @@ into place, so a killed run never leaves a half-written checkpoint.
 from __future__ import annotations
 
 import hashlib
-import re
 import json
 import os
+import re
 import shutil
 import tempfile
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from attrs import define
@@ -292,8 +294,31 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     return Checkpoint(path=path, config=config, model=model, schedule=build_schedule(config))
 
 
+_reads: ContextVar[list[tuple[str, Path]] | None] = ContextVar("checkpoint_reads", default=None)
+
+
+@contextmanager
+def recording_reads() -> Iterator[list[tuple[str, Path]]]:
+    """Every checkpoint resolved meanwhile, as (name or path given, folder): what a result remembered from them
+    depends on (``toolkit.graph_index``)."""
+    reads: list[tuple[str, Path]] = []
+    token = _reads.set(reads)
+    try:
+        yield reads
+    finally:
+        _reads.reset(token)
+
+
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     """A directory path, or the name of a shipped pretrained checkpoint (``toolkit plugins``)."""
+    path = _resolve(name_or_path)
+    reads = _reads.get()
+    if reads is not None:
+        reads.append((os.fspath(name_or_path), path))
+    return path
+
+
+def _resolve(name_or_path: str | os.PathLike) -> Path:
     path = Path(name_or_path)
     if os.sep in str(name_or_path) or str(name_or_path).startswith(".") or not path.exists():
         recover(path)

@@ -8,36 +8,13 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from attrs import define
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from toolkit.errors import ToolkitError
+from toolkit.world import World, shard, world_from_env  # noqa: F401 - re-exported: torch-free, in toolkit.world
 
 DEFAULT_TIMEOUT_S = 600  # a collective that waits longer (a rank hung or gone) fails instead of hanging
-
-
-@define(frozen=True)
-class World:
-    """This process's place in the run: rank 0 of 1 when not launched by torchrun."""
-
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.size > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def world_from_env() -> World:
-    """The world torchrun describes in the environment (without joining it)."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    return World(int(os.environ.get("RANK", "0")), size, int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def init(device: torch.device) -> World:
@@ -125,10 +102,3 @@ def wrap(model: nn.Module, world: World, device: torch.device) -> nn.Module:
         return model
     ids = [device.index] if device.type == "cuda" else None
     return DDP(model, device_ids=ids)
-
-
-def shard(n: int, world: World) -> tuple[int, int]:
-    """The contiguous range [start, stop) of n items this rank owns (the first n % size ranks get one more)."""
-    base, extra = divmod(n, world.size)
-    start = world.rank * base + min(world.rank, extra)
-    return start, start + base + (1 if world.rank < extra else 0)

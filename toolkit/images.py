@@ -6,17 +6,26 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Union
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from toolkit import limits
 from toolkit.errors import ToolkitError
 from toolkit.files import atomic_write
 
+if TYPE_CHECKING:
+    from torch import Tensor
+
+Samples = Union["Tensor", np.ndarray]  # torch tensors or numpy arrays: the onnxruntime path writes without torch
 SUFFIXES = (".png", ".npy")
+
+
+def as_numpy(samples: Any) -> np.ndarray:
+    """A float32 numpy array of samples given as a torch tensor (any device or dtype) or an array."""
+    if hasattr(samples, "detach"):  # a torch tensor; checked by duck type so this module never imports torch
+        samples = samples.detach().cpu().float().numpy()
+    return np.asarray(samples, dtype=np.float32)
 
 
 def check_output(path: str | os.PathLike, suffixes: tuple[str, ...] = SUFFIXES) -> Path:
@@ -58,12 +67,12 @@ def is_points(shape: tuple[int, ...]) -> bool:
     return tuple(shape) == (2,)
 
 
-def scatter(points: Tensor | np.ndarray, size: int = SCATTER_SIZE) -> np.ndarray:
+def scatter(points: Samples, size: int = SCATTER_SIZE) -> np.ndarray:
     """[N, 2] points → a uint8 RGB scatter plot [size, size, 3] (y up), with the axes through 0 and the square
     [-1, 1]² outlined; the plot spans ±max(1.1, 1.05·max |coordinate|), so data with no fixed range stays in view."""
     from PIL import Image, ImageDraw
 
-    p = np.asarray(points.detach().cpu() if isinstance(points, Tensor) else points, dtype=np.float64).reshape(-1, 2)
+    p = as_numpy(points).astype(np.float64).reshape(-1, 2)
     img = Image.new("RGB", (size, size), "white")
     draw = ImageDraw.Draw(img)
     finite = p[np.isfinite(p).all(1)]
@@ -129,12 +138,12 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def picture(samples: Tensor, nrow: int | None = None) -> np.ndarray:
+def picture(samples: Samples, nrow: int | None = None) -> np.ndarray:
     """What a PNG of these samples shows: a grid of images, or a scatter plot of 2-D points."""
     if is_points(tuple(samples.shape[1:])):
         return scatter(samples)
     check_grid(samples.shape[0], tuple(samples.shape[1:]), nrow)
-    return grid(samples.detach().cpu(), nrow=nrow)
+    return grid(samples, nrow=nrow)
 
 
 def check_grid(n: int, shape: tuple[int, ...], nrow: int | None = None) -> None:
@@ -147,22 +156,23 @@ def check_grid(n: int, shape: tuple[int, ...], nrow: int | None = None) -> None:
                            f"{MAX_GRID_PIXELS // 2**20} megapixels); write them to a .npy file instead")
 
 
-def grid(samples: Tensor, nrow: int | None = None, scale: int | None = None, pad: int | None = None) -> np.ndarray:
+def grid(samples: Samples, nrow: int | None = None, scale: int | None = None, pad: int | None = None) -> np.ndarray:
     """[N, C, H, W] in [-1, 1] → uint8 image [H', W', C] with ``nrow`` samples per row."""
+    samples = as_numpy(samples)
     n = samples.shape[0]
     nrow, ncol, scale, pad, height, width = _layout(n, tuple(samples.shape[1:]), nrow, scale, pad)
     c, h, w = samples.shape[1:]
-    img = ((samples.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    img = img.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+    img = np.rint((np.clip(samples, -1, 1) + 1) * np.float32(127.5)).astype(np.uint8)  # rint: half to even
+    img = img.repeat(scale, 2).repeat(scale, 3)
     H, W = h * scale + pad, w * scale + pad
-    canvas = torch.full((c, height, width), 128, dtype=torch.uint8)
+    canvas = np.full((c, height, width), 128, dtype=np.uint8)
     for i in range(n):
         r, k = divmod(i, nrow)
         canvas[:, pad + r * H: pad + r * H + h * scale, pad + k * W: pad + k * W + w * scale] = img[i]
-    return canvas.permute(1, 2, 0).numpy()
+    return np.ascontiguousarray(canvas.transpose(1, 2, 0))
 
 
-def write_npy(path: str | os.PathLike, shape: tuple[int, ...], batches: Iterable[Tensor], digest=None) -> Path:
+def write_npy(path: str | os.PathLike, shape: tuple[int, ...], batches: Iterable[Samples], digest=None) -> Path:
     """Stream float32 batches into one .npy of ``shape`` [n, ...]: memory bounded by a batch, the free disk
     space checked first, and the file renamed into place only when complete. ``digest`` (a hashlib object),
     if given, is fed the array's bytes as they are written."""
@@ -177,7 +187,7 @@ def write_npy(path: str | os.PathLike, shape: tuple[int, ...], batches: Iterable
         with open(tmp, "wb") as fh:
             np.lib.format.write_array_header_1_0(fh, header)
             for batch in batches:
-                arr = np.ascontiguousarray(batch.detach().cpu().to(torch.float32).numpy(), dtype="<f4")
+                arr = np.ascontiguousarray(as_numpy(batch), dtype="<f4")
                 if arr.shape[1:] != shape[1:] or written + len(arr) > shape[0]:
                     raise ToolkitError(f"a batch of shape {list(arr.shape)} does not fit {list(shape)}")
                 data = arr.tobytes()
@@ -194,7 +204,7 @@ def write_npy(path: str | os.PathLike, shape: tuple[int, ...], batches: Iterable
     return path
 
 
-def save_stream(path: str | os.PathLike, shape: tuple[int, ...], batches: Callable[[], Iterable[Tensor]],
+def save_stream(path: str | os.PathLike, shape: tuple[int, ...], batches: Callable[[], Iterable[Samples]],
                 nrow: int | None = None) -> Path:
     """Write n = shape[0] samples that ``batches()`` produces: a .npy streamed batch by batch, a PNG grid
     checked for size before the first batch is computed."""
@@ -202,10 +212,10 @@ def save_stream(path: str | os.PathLike, shape: tuple[int, ...], batches: Callab
     if path.suffix.lower() == ".npy":
         return write_npy(path, shape, batches())
     check_grid(shape[0], tuple(shape[1:]), nrow)
-    return save_samples(torch.cat(list(batches())), path, nrow=nrow)
+    return save_samples(np.concatenate([as_numpy(b) for b in batches()]), path, nrow=nrow)
 
 
-def save_samples(samples: Tensor, path: str | os.PathLike, nrow: int | None = None) -> Path:
+def save_samples(samples: Samples, path: str | os.PathLike, nrow: int | None = None) -> Path:
     """Write samples to .png (grid) or .npy (float32 [N, ...] in [-1, 1]) atomically."""
     from PIL import Image
 

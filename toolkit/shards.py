@@ -9,14 +9,18 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from toolkit import schema
-from toolkit.distributed import World, shard
 from toolkit.errors import ToolkitError
 from toolkit.files import atomic_write
 from toolkit.images import write_npy
+from toolkit.world import World, shard
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX = "index.json"
 
@@ -82,6 +86,8 @@ def sample_shard(pipe, out: str | os.PathLike, n: int, seed: int, labels: Sequen
 def merge(folder: str | os.PathLike) -> torch.Tensor:
     """All shards of a sharded run in sample order, [n, *shape]; a missing or wrong shard is an error."""
     _, batches = merge_batches(folder)
+    import torch
+
     return torch.cat(list(batches()))
 
 
@@ -125,6 +131,8 @@ def merge_batches(folder: str | os.PathLike, rows: int = 4096) -> tuple[tuple[in
             if info.get("sha256") != _digest(arr):
                 raise ToolkitError(f"shard {s['file']} was changed or replaced after its run wrote it")
         arrays.append(arr)
+
+    import torch
 
     def batches() -> Iterator[torch.Tensor]:
         for arr in arrays:

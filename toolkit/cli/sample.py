@@ -45,15 +45,16 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
                 guidance, scale, classifier, class_, n, seed, batch_size, out, device, backend, threads, onnx_file,
                 layout, noise_file, init_file, strength, mask, resample, jump, quiet) -> None:
     """Compose a pipeline from named plugins and sample from it."""
-    from toolkit.distributed import world_from_env
+    from toolkit.backends import check_threads
     from toolkit.images import check_output
     from toolkit.shards import is_shard_folder
+    from toolkit.world import world_from_env
 
     world = world_from_env()
     sharded = is_shard_folder(out, world)
     if sharded and backend == "onnxruntime":
         raise ToolkitError("sharded sampling (--out FOLDER/ or torchrun) uses --backend torch")
-    threads = set_threads(threads)
+    threads = check_threads(threads)
     if not sharded:
         check_output(out)
         hold_output_lock(out)
@@ -62,6 +63,21 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
     n = budget.samples(n)
     if batch_size < 1:
         raise ToolkitError(f"--batch-size must be positive, got {batch_size}")
+    key = None
+    if (backend == "auto" and not sharded and device == "cpu" and onnx_file is None
+            and all(v is None for v in (noise_file, init_file, strength, mask, resample, jump))):
+        from toolkit import graph_index
+
+        key = graph_index.request_key(
+            {"schedule": schedule, "sampler": sampler, "steps": steps, "eta": eta, "spacing": spacing,
+             "variance": variance, "sampler_options": list(sampler_options), "num_timesteps": num_timesteps,
+             "model": model, "latent": latent, "guidance": guidance, "scale": scale, "classifier": classifier,
+             "guidance_options": click.get_current_context().meta.get("guidance_options", {}), "layout": layout},
+            [m for m in (model, latent, classifier) if m is not None])
+        entry = graph_index.lookup(key)
+        if entry is not None:
+            _compose_recorded(entry, class_, n, seed, batch_size, out, scale, threads, guidance, quiet)
+            return
     if onnx_file is not None:
         from click.core import ParameterSource
 
@@ -80,11 +96,15 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
                                "--resample --jump): drop them here")
         _compose_onnx(onnx_file, class_, n, seed, batch_size, out, device, scale, threads, init_file, mask)
         return
+    set_threads(threads)
     if resample is not None or jump is not None:
         if mask is None:
             raise ToolkitError("--resample and --jump are options of inpainting: give --init and --mask")
-    pipe = compose_pipeline(schedule, sampler, steps, eta, spacing, variance, sampler_options, num_timesteps, model,
-                            guidance, scale, classifier, device=device, batch_size=batch_size, latent=latent)
+    from toolkit.checkpoint import recording_reads
+
+    with recording_reads() as reads:
+        pipe = compose_pipeline(schedule, sampler, steps, eta, spacing, variance, sampler_options, num_timesteps,
+                                model, guidance, scale, classifier, device=device, batch_size=batch_size, latent=latent)
     if mask is not None:
         _compose_inpaint(pipe, init_file, mask, strength, noise_file, resample, jump, class_, n, seed, out, backend,
                          sharded, scale, quiet)
@@ -122,8 +142,41 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
         save_stream(out, (n, *pipe.output_shape), lambda: engine.batches(
             n, seed, labels, scale=scale, progress=(lambda k: bar.update(k)) if bar is not None else None), nrow=nrow)
     why = f"; {engine.reason}" if backend == "auto" else ""
-    click.echo(f"wrote {out} ({n} samples, {pipe.sampler.name} {pipe.steps} steps = {pipe.nfe} network calls, "
-               f"{pipe.schedule.name} schedule, {engine.label}{why})")
+    describe = {"sampler": pipe.sampler.name, "steps": pipe.steps, "nfe": pipe.nfe, "schedule": pipe.schedule.name,
+                "iterations": pipe.iterations}
+    click.echo(f"wrote {out} ({n} samples, {_describe(describe)}, {engine.label}{why})")
+    if key is not None and engine.name == "onnxruntime":
+        from toolkit import graph_index
+
+        graph_index.record(key, engine.graph, engine.reason, describe, reads)
+
+
+def _describe(d: dict) -> str:
+    return f"{d['sampler']} {d['steps']} steps = {d['nfe']} network calls, {d['schedule']} schedule"
+
+
+def _compose_recorded(entry, class_, n, seed, batch_size, out, scale, threads, guidance, quiet) -> None:
+    """compose for a request recorded in ``toolkit.graph_index``: its verified graph, sampled without torch."""
+    from toolkit.backends import graph_batches, open_session
+    from toolkit.images import save_stream
+
+    session = open_session(entry.graph, "cpu", threads)
+    labels, nrow = parse_classes(class_, n, session.num_classes)
+    if guidance is not None and labels is None:
+        raise ToolkitError(f"--guidance {guidance} needs --class (a label, a comma list or 'all')")
+    if labels is not None and nrow is not None:
+        n = len(labels)
+    steps = entry.describe["iterations"]
+    with progress_bar(-(-n // batch_size) * steps, "sample (onnxruntime)", quiet) as bar:
+        def ticking():
+            for x in graph_batches(session, n, seed, labels, scale, batch_size=batch_size):
+                if bar is not None:
+                    bar.update(steps)
+                yield x
+
+        save_stream(out, (n, *session.output_shape), ticking, nrow=nrow)
+    click.echo(f"wrote {out} ({n} samples, {_describe(entry.describe)}, onnxruntime {session.provider}, "
+               f"{threads_text(session.threads)}; {entry.reason})")
 
 
 def _compose_edit(pipe, noise_file, init_file, strength, class_, n, seed, out, backend, sharded, scale, quiet) -> None:
@@ -215,8 +268,8 @@ def _session(path, device: str, threads: int | None = None):
 
 def _compose_onnx(path, class_, n, seed, batch_size, out, device, scale, threads, init_file=None, mask=None) -> None:
     """compose --onnx FILE: a graph from `toolkit export onnx`, sampled with onnxruntime (an inpainting graph
-    with --init and --mask)."""
-    from toolkit.exporters.onnx import onnx_batches
+    with --init and --mask); torch is imported only to read an inpainting run's images."""
+    from toolkit.backends import graph_batches
     from toolkit.images import save_stream
 
     session = _session(path, device, threads)
@@ -240,7 +293,7 @@ def _compose_onnx(path, class_, n, seed, batch_size, out, device, scale, threads
         n = len(labels)
     if known and nrow is not None:
         raise ToolkitError("--class all takes its own number of samples: give labels (a label or a comma list)")
-    save_stream(out, (n, *session.output_shape), lambda: onnx_batches(
+    save_stream(out, (n, *session.output_shape), lambda: graph_batches(
         session, n, seed=seed, labels=labels, scale=scale, batch_size=batch_size, **known), nrow=nrow)
     meta = session.metadata
     calls = f" = {meta['nfe']} network calls" if meta.get("nfe") else ""  # noqa: E501

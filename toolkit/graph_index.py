@@ -1,0 +1,160 @@
+"""The ONNX cache's folder, and an index from a compose request to the verified graph it ran.
+
+Sampling a cached graph needs only onnxruntime and numpy, yet building the pipeline to find the graph
+imports torch: about 2 s of CPU at every command. So once ``compose`` has run a request through its
+exported graph (``--backend auto``, the graph checked against torch), it records what the choice
+depended on, and the same request later samples that graph without importing torch. The record is used
+only while nothing it depended on has changed; anything else (a miss) takes the full path, which checks
+everything again and records afresh:
+
+- the request: every option that composes the pipeline, the working directory, whether each name given
+  is a path there, the Python installation (``sys.prefix``), TOOLKIT_DISABLE_PLUGINS, the toolkit version
+  and the installed plugins (entry points, with their distributions' versions);
+- the code: size and modification time of the file of every module the recording process had loaded
+  (torch, onnxruntime, the toolkit, its plugins): about 1200 files, 5 ms to check;
+- the checkpoints it read (the model, a classifier, an autoencoder): size and modification time of every
+  file in their folders, as git's index does;
+- the graph: its SHA-256, which must equal the one recorded beside it and in its torch check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+from attrs import define
+
+from toolkit.errors import ToolkitError
+from toolkit.files import atomic_write
+
+VERIFY_TOLERANCE = 1e-4  # largest |torch - onnxruntime| over the check's samples (toolkit.backends)
+INDEX_VERSION = 1
+
+
+def cache_dir() -> Path:
+    """Where graphs exported on the fly are kept: $TOOLKIT_CACHE_DIR or ~/.cache/diffusion-toolkit."""
+    root = os.environ.get("TOOLKIT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "diffusion-toolkit")
+    return Path(root) / "onnx"
+
+
+def private_dir(folder: Path) -> Path:
+    """The cache folder, made 0700 if new; refused unless it belongs to this user and no one else can write it
+    (a graph planted there would run as this user's sampler)."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not hasattr(os, "getuid"):
+        return folder
+    for part in (folder, folder.parent):
+        st = part.stat()
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+            raise ToolkitError(f"refusing the ONNX cache {str(folder)!r}: {str(part)!r} belongs to another user or "
+                               "others can write to it; set TOOLKIT_CACHE_DIR to a private folder")
+    return folder
+
+
+def digest_file(path: Path) -> str:
+    """SHA-256 of a file's bytes, hex."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@define(frozen=True)
+class Entry:
+    """What a recorded request ran: its graph, and what the command reports about it."""
+
+    graph: Path
+    reason: str  # why auto chose the graph, as the first run said it
+    describe: dict[str, Any]  # sampler, steps, nfe, schedule, iterations: the result line and progress bar
+
+
+def _stamp(path: str | os.PathLike) -> list[int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _folder_stamps(folder: Path) -> dict[str, list[int] | None]:
+    """Size and modification time of every file under a checkpoint folder, by relative path."""
+    out: dict[str, list[int] | None] = {}
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            out[os.path.relpath(full, folder)] = _stamp(full)
+    return out
+
+
+def _plugins() -> list[list[str]]:
+    from importlib import metadata
+
+    from toolkit.registry import ENTRY_POINT_GROUP
+
+    eps = metadata.entry_points(group=ENTRY_POINT_GROUP)
+    return sorted([ep.name, ep.value, getattr(ep.dist, "name", "") or "", getattr(ep.dist, "version", "") or ""]
+                  for ep in eps)
+
+
+def request_key(request: dict[str, Any], names: Iterable[str]) -> str:
+    """The index key of a compose request: its options and everything around them that could resolve the same
+    options to another pipeline. ``names``: the model, classifier and autoencoder names or paths given."""
+    from toolkit._version import __version__
+
+    key = {"version": INDEX_VERSION, "request": request, "cwd": os.getcwd(),
+           "as_paths": [[n, os.path.exists(n)] for n in names], "prefix": sys.prefix, "python": sys.version,
+           "toolkit": __version__, "disabled": os.environ.get("TOOLKIT_DISABLE_PLUGINS", ""), "plugins": _plugins()}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _index_file(key: str) -> Path:
+    return private_dir(cache_dir()) / "requests" / f"{key}.json"
+
+
+def record(key: str, graph: Path, reason: str, describe: dict[str, Any],
+           checkpoints: list[tuple[str, Path]]) -> Path:
+    """Remember that request ``key`` ran ``graph`` (verified against torch), with what it depended on."""
+    graph = Path(graph).resolve()
+    modules: dict[str, dict[str, list[int] | None]] = {}  # folder → file → stamp: a third of the size of flat paths
+    for f in sorted({f for m in list(sys.modules.values())
+                     if isinstance(f := getattr(m, "__file__", None), str) and os.path.isabs(f)}):
+        modules.setdefault(os.path.dirname(f), {})[os.path.basename(f)] = _stamp(f)
+    entry = {"version": INDEX_VERSION, "graph": str(graph), "sha256": digest_file(graph), "reason": reason,
+             "describe": describe, "modules": modules,
+             "checkpoints": {str(Path(p).resolve()): _folder_stamps(Path(p).resolve()) for _, p in checkpoints},
+             "as_paths": {given: os.path.exists(given) for given, _ in checkpoints}}
+    path = _index_file(key)
+    path.parent.mkdir(exist_ok=True, mode=0o700)
+    text = json.dumps(entry, sort_keys=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return path
+
+
+def lookup(key: str) -> Entry | None:
+    """The recorded graph of request ``key`` if nothing it depended on changed since, else None."""
+    try:
+        entry = json.loads(_index_file(key).read_text())
+        if entry.get("version") != INDEX_VERSION:
+            return None
+        if any(_stamp(os.path.join(d, f)) != s for d, files in entry["modules"].items() for f, s in files.items()):
+            return None
+        if any(_folder_stamps(Path(p)) != files for p, files in entry["checkpoints"].items()):
+            return None
+        if any(os.path.exists(given) != was for given, was in entry["as_paths"].items()):
+            return None  # a folder of a pretrained name's name appeared here (or went): it would be read instead
+        graph = Path(entry["graph"])
+        digest = digest_file(graph)
+        verified = json.loads(graph.with_suffix(".verified.json").read_text())
+        if not (digest == entry["sha256"] == graph.with_suffix(".sha256").read_text().strip() == verified["sha256"]
+                and float(verified["max_abs_diff"]) <= VERIFY_TOLERANCE):
+            return None
+        return Entry(graph, str(entry["reason"]), dict(entry["describe"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
