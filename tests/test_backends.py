@@ -209,6 +209,7 @@ def test_a_repeated_compose_samples_its_recorded_graph_without_importing_torch(t
 def test_a_recorded_request_is_not_reused_once_its_weights_change(tmp_path, cache, monkeypatch):
     """The checkpoint's files are part of the record: new weights take the full path and give their own samples."""
     import shutil
+    import time
 
     from safetensors.numpy import load_file, save_file
 
@@ -216,6 +217,7 @@ def test_a_recorded_request_is_not_reused_once_its_weights_change(tmp_path, cach
 
     monkeypatch.chdir(tmp_path)
     shutil.copytree(resolve_checkpoint("digits"), tmp_path / "mine")
+    time.sleep(2.1)  # a file changed within 2 s of a run's start is not trusted to be what the run read
     args = ["--model", "mine", "--steps", 6, "-n", 4, "--class", "7"]
     assert run("compose", *args, "--out", "old.npy").exit_code == 0
     hit = _compose_in_subprocess(cache, tmp_path, *args, "--out", "hit.npy")
@@ -233,36 +235,52 @@ def test_a_recorded_request_is_not_reused_once_its_weights_change(tmp_path, cach
     assert np.abs(new - np.load(tmp_path / "torch.npy")).max() <= 1e-4
 
 
-def test_a_record_is_dropped_when_code_its_check_or_a_shadowing_folder_changes(tmp_path, cache, monkeypatch):
+def test_a_record_is_dropped_when_code_its_check_a_link_or_a_shadowing_folder_changes(tmp_path, cache, monkeypatch):
+    import shutil
+    import time
+
     from toolkit import graph_index
+    from toolkit.checkpoint import resolve_checkpoint
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "probe_module_of_the_index.py").write_text("X = 1\n")
+    probe = tmp_path / "probe_module_of_the_index.py"
+    probe.write_text("X = 1\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     import probe_module_of_the_index  # noqa: F401 - loaded code: part of what a record depends on
 
-    assert run("compose", "--steps", 5, "-n", 2, "--out", "a.npy").exit_code == 0
+    shutil.copytree(resolve_checkpoint("digits"), tmp_path / "mine")
+    (tmp_path / "current").symlink_to("mine")
+    time.sleep(2.1)
+    assert run("compose", "--model", "current", "--steps", 5, "-n", 2, "--out", "a.npy").exit_code == 0
     (index,) = (cache / "requests").glob("*.json")
     key = index.stem
     assert graph_index.lookup(key) is not None
-    probe = tmp_path / "probe_module_of_the_index.py"
-    st = probe.stat()
-    os.utime(probe, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the code changed
+    (tmp_path / "current").unlink()
+    (tmp_path / "current").symlink_to(resolve_checkpoint("digits"))  # the same weights, another folder
     assert graph_index.lookup(key) is None
-    os.utime(probe, ns=(st.st_atime_ns, st.st_mtime_ns))
+    (tmp_path / "current").unlink()
+    (tmp_path / "current").symlink_to("mine")
     assert graph_index.lookup(key) is not None
-    (tmp_path / "digits").mkdir()  # a folder here named like the default model would now be read instead
-    assert graph_index.lookup(key) is None
-    (tmp_path / "digits").rmdir()
     (verified,) = cache.glob("*.verified.json")
     record = json.loads(verified.read_text())
     verified.write_text(json.dumps({**record, "max_abs_diff": 0.5}))  # its torch check no longer passes
     assert graph_index.lookup(key) is None
     verified.write_text(json.dumps(record))
     assert graph_index.lookup(key) is not None
-    (graph_file,) = cache.glob("*.onnx")
-    graph_file.write_bytes(graph_file.read_bytes() + b"\0")  # the graph is not the one checked
+    st = probe.stat()
+    os.utime(probe, ns=(st.st_atime_ns, st.st_mtime_ns))  # the code "changed": same mtime, a new change time
     assert graph_index.lookup(key) is None
+    (graph,) = cache.glob("*.onnx")
+    reads = [("current", tmp_path / "current", graph_index.folder_stamps(tmp_path / "mine"))]
+    describe = {"sampler": "ddim", "steps": 5, "nfe": 5, "schedule": "cosine", "iterations": 5}
+    # a module changed since the run started: what it ran may not be what is on disk, so nothing is recorded
+    assert graph_index.record("k", graph, "r", describe, reads, time.time_ns()) is None
+    time.sleep(2.1)
+    assert graph_index.record("k", graph, "r", describe, reads, time.time_ns()) is not None
+    swapped = [("current", tmp_path / "current", {"model.safetensors": [1, 2, 3, 4]})]  # replaced after it was read
+    assert graph_index.record("k2", graph, "r", describe, swapped, time.time_ns()) is None
+    graph.write_bytes(graph.read_bytes() + b"\0")  # the graph is not the one checked
+    assert graph_index.lookup("k") is None
 
 
 def _page_faults(tuning: str) -> int:

@@ -294,14 +294,14 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     return Checkpoint(path=path, config=config, model=model, schedule=build_schedule(config))
 
 
-_reads: ContextVar[list[tuple[str, Path]] | None] = ContextVar("checkpoint_reads", default=None)
+_reads: ContextVar[list[tuple[str, Path, dict[str, Any]]] | None] = ContextVar("checkpoint_reads", default=None)
 
 
 @contextmanager
-def recording_reads() -> Iterator[list[tuple[str, Path]]]:
-    """Every checkpoint resolved meanwhile, as (name or path given, folder): what a result remembered from them
-    depends on (``toolkit.graph_index``)."""
-    reads: list[tuple[str, Path]] = []
+def recording_reads() -> Iterator[list[tuple[str, Path, dict[str, Any]]]]:
+    """Every checkpoint resolved meanwhile, as (name or path given, folder, its files' stamps then): what a result
+    remembered from them depends on (``toolkit.graph_index``)."""
+    reads: list[tuple[str, Path, dict[str, Any]]] = []
     token = _reads.set(reads)
     try:
         yield reads
@@ -314,7 +314,9 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     path = _resolve(name_or_path)
     reads = _reads.get()
     if reads is not None:
-        reads.append((os.fspath(name_or_path), path))
+        from toolkit.graph_index import folder_stamps
+
+        reads.append((os.fspath(name_or_path), path, folder_stamps(path)))
     return path
 
 

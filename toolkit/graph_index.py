@@ -8,13 +8,17 @@ only while nothing it depended on has changed; anything else (a miss) takes the 
 everything again and records afresh:
 
 - the request: every option that composes the pipeline, the working directory, whether each name given
-  is a path there, the Python installation (``sys.prefix``), TOOLKIT_DISABLE_PLUGINS, the toolkit version
-  and the installed plugins (entry points, with their distributions' versions);
-- the code: size and modification time of the file of every module the recording process had loaded
-  (torch, onnxruntime, the toolkit, its plugins): about 1200 files, 5 ms to check;
-- the checkpoints it read (the model, a classifier, an autoencoder): size and modification time of every
-  file in their folders, as git's index does;
+  is a path there, the Python installation (``sys.prefix``, PYTHONPATH), the plugin switches
+  (TOOLKIT_DISABLE_PLUGINS, TOOLKIT_STRICT_PLUGINS), the toolkit version and the installed plugins (entry
+  points, with their distributions' versions);
+- the code: the stamp (size, modification and change time, inode) of the file of every module the
+  recording process had loaded (torch, onnxruntime, the toolkit, its plugins): about 1200 files, 5 ms;
+- the checkpoints it read (the model, a classifier, an autoencoder): the folder each name given resolved
+  to, and the stamp of every file in it, as git's index does;
 - the graph: its SHA-256, which must equal the one recorded beside it and in its torch check.
+
+A run records nothing when what it read may differ from what is on disk when it ends (a checkpoint
+replaced meanwhile, a file changed within 2 s of its start) or when a plugin failed to load.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from attrs import define
 from toolkit.errors import ToolkitError
 from toolkit.files import atomic_write
 
-VERIFY_TOLERANCE = 1e-4  # largest |torch - onnxruntime| over the check's samples (toolkit.backends)
+VERIFY_TOLERANCE = 1e-4  # largest |torch - onnxruntime| over the check's samples (toolkit.backends binds it too)
 INDEX_VERSION = 1
 
 
@@ -75,14 +79,16 @@ class Entry:
 
 
 def _stamp(path: str | os.PathLike) -> list[int] | None:
+    """Size, modification and change time, inode: a copy that keeps the mtime (cp -a) or a file renamed over
+    this one changes the stamp."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return [st.st_size, st.st_mtime_ns]
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
-def _folder_stamps(folder: Path) -> dict[str, list[int] | None]:
+def folder_stamps(folder: Path) -> dict[str, list[int] | None]:
     """Size and modification time of every file under a checkpoint folder, by relative path."""
     out: dict[str, list[int] | None] = {}
     for root, dirs, files in os.walk(folder):
@@ -108,9 +114,10 @@ def request_key(request: dict[str, Any], names: Iterable[str]) -> str:
     options to another pipeline. ``names``: the model, classifier and autoencoder names or paths given."""
     from toolkit._version import __version__
 
+    env = {k: os.environ.get(k, "") for k in ("TOOLKIT_DISABLE_PLUGINS", "TOOLKIT_STRICT_PLUGINS", "PYTHONPATH")}
     key = {"version": INDEX_VERSION, "request": request, "cwd": os.getcwd(),
            "as_paths": [[n, os.path.exists(n)] for n in names], "prefix": sys.prefix, "python": sys.version,
-           "toolkit": __version__, "disabled": os.environ.get("TOOLKIT_DISABLE_PLUGINS", ""), "plugins": _plugins()}
+           "toolkit": __version__, "env": env, "plugins": _plugins()}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -119,17 +126,33 @@ def _index_file(key: str) -> Path:
 
 
 def record(key: str, graph: Path, reason: str, describe: dict[str, Any],
-           checkpoints: list[tuple[str, Path]]) -> Path:
-    """Remember that request ``key`` ran ``graph`` (verified against torch), with what it depended on."""
+           checkpoints: list[tuple[str, Path, dict[str, Any]]], started_ns: int) -> Path | None:
+    """Remember that request ``key`` ran ``graph`` (verified against torch), with what it depended on.
+
+    ``checkpoints``: (name or path given, folder, its stamps when it was resolved) from
+    ``checkpoint.recording_reads``; ``started_ns``: when the command started (``time.time_ns()``). Nothing is
+    recorded (None) when what was read may not be what is on disk now: a checkpoint folder whose files changed
+    since it was resolved, a module or checkpoint file changed within 2 s of the start or later (git's racy
+    rule: timestamps that coarse cannot tell before from after), or a plugin that failed to load.
+    """
+    from toolkit.registry import get_registry
+
+    if get_registry().failures:
+        return None
     graph = Path(graph).resolve()
     modules: dict[str, dict[str, list[int] | None]] = {}  # folder → file → stamp: a third of the size of flat paths
     for f in sorted({f for m in list(sys.modules.values())
                      if isinstance(f := getattr(m, "__file__", None), str) and os.path.isabs(f)}):
         modules.setdefault(os.path.dirname(f), {})[os.path.basename(f)] = _stamp(f)
+    folders = {str(Path(p).resolve()): folder_stamps(Path(p).resolve()) for _, p, _ in checkpoints}
+    if any(folders[str(Path(p).resolve())] != read for _, p, read in checkpoints):
+        return None
+    stamps = [st for files in (*modules.values(), *folders.values()) for st in files.values()]
+    if any(st is None or max(st[1], st[2]) >= started_ns - 2 * 10**9 for st in stamps):
+        return None
+    paths = {given: str(Path(given).resolve()) if os.path.exists(given) else None for given, _, _ in checkpoints}
     entry = {"version": INDEX_VERSION, "graph": str(graph), "sha256": digest_file(graph), "reason": reason,
-             "describe": describe, "modules": modules,
-             "checkpoints": {str(Path(p).resolve()): _folder_stamps(Path(p).resolve()) for _, p in checkpoints},
-             "as_paths": {given: os.path.exists(given) for given, _ in checkpoints}}
+             "describe": describe, "modules": modules, "checkpoints": folders, "paths": paths}
     path = _index_file(key)
     path.parent.mkdir(exist_ok=True, mode=0o700)
     text = json.dumps(entry, sort_keys=True)
@@ -145,10 +168,11 @@ def lookup(key: str) -> Entry | None:
             return None
         if any(_stamp(os.path.join(d, f)) != s for d, files in entry["modules"].items() for f, s in files.items()):
             return None
-        if any(_folder_stamps(Path(p)) != files for p, files in entry["checkpoints"].items()):
+        if any(folder_stamps(Path(p)) != files for p, files in entry["checkpoints"].items()):
             return None
-        if any(os.path.exists(given) != was for given, was in entry["as_paths"].items()):
-            return None  # a folder of a pretrained name's name appeared here (or went): it would be read instead
+        for given, was in entry["paths"].items():  # each name given still means the same folder: a folder of a
+            if (str(Path(given).resolve()) if os.path.exists(given) else None) != was:  # pretrained name's name
+                return None  # appeared here (or went), or a symlink was pointed elsewhere
         graph = Path(entry["graph"])
         digest = digest_file(graph)
         verified = json.loads(graph.with_suffix(".verified.json").read_text())

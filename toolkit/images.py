@@ -162,6 +162,7 @@ def grid(samples: Samples, nrow: int | None = None, scale: int | None = None, pa
     n = samples.shape[0]
     nrow, ncol, scale, pad, height, width = _layout(n, tuple(samples.shape[1:]), nrow, scale, pad)
     c, h, w = samples.shape[1:]
+    samples = np.nan_to_num(samples, nan=-1.0)  # a NaN pixel is black, as torch's cast made it
     img = np.rint((np.clip(samples, -1, 1) + 1) * np.float32(127.5)).astype(np.uint8)  # rint: half to even
     img = img.repeat(scale, 2).repeat(scale, 3)
     H, W = h * scale + pad, w * scale + pad

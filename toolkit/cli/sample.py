@@ -45,6 +45,9 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
                 guidance, scale, classifier, class_, n, seed, batch_size, out, device, backend, threads, onnx_file,
                 layout, noise_file, init_file, strength, mask, resample, jump, quiet) -> None:
     """Compose a pipeline from named plugins and sample from it."""
+    import time
+
+    started_ns = time.time_ns()
     from toolkit.backends import check_threads
     from toolkit.images import check_output
     from toolkit.shards import is_shard_folder
@@ -148,7 +151,7 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
     if key is not None and engine.name == "onnxruntime":
         from toolkit import graph_index
 
-        graph_index.record(key, engine.graph, engine.reason, describe, reads)
+        graph_index.record(key, engine.graph, engine.reason, describe, reads, started_ns)
 
 
 def _describe(d: dict) -> str:
