@@ -56,11 +56,14 @@ def main() -> None:
         if not (out / "model.safetensors").is_file():
             start = CACHE / f"losses-{tag}-{args.resume_from}-seed{args.seed}"
             resume = args.resume_from is not None and (start / "training_state.safetensors").is_file()
+            partial = out.with_name(out.name + ".partial")  # renamed to out when complete: a killed run is redone
+            shutil.rmtree(partial, ignore_errors=True)
             if resume:
-                shutil.rmtree(out, ignore_errors=True)
-                shutil.copytree(start, out)
-            train(TrainConfig(steps=args.steps, seed=args.seed, checkpoint_every=args.steps, **options), out,
+                shutil.copytree(start, partial)
+            train(TrainConfig(steps=args.steps, seed=args.seed, checkpoint_every=args.steps, **options), partial,
                   overwrite=not resume, resume=resume, quiet=True)
+            shutil.rmtree(out, ignore_errors=True)
+            partial.rename(out)
         trained = time.perf_counter() - t0
         r = nll(out, limit=args.limit, variance=variance)
         rows.append({"objective": label, "train_options": options, "steps": args.steps, "variance": variance,

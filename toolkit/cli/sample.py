@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 
 import click
 
@@ -45,8 +46,6 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
                 guidance, scale, classifier, class_, n, seed, batch_size, out, device, backend, threads, onnx_file,
                 layout, noise_file, init_file, strength, mask, resample, jump, quiet) -> None:
     """Compose a pipeline from named plugins and sample from it."""
-    import time
-
     started_ns = time.time_ns()
     from toolkit.backends import check_threads
     from toolkit.images import check_output
@@ -71,12 +70,10 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
             and all(v is None for v in (noise_file, init_file, strength, mask, resample, jump))):
         from toolkit import graph_index
 
-        key = graph_index.request_key(
-            {"schedule": schedule, "sampler": sampler, "steps": steps, "eta": eta, "spacing": spacing,
-             "variance": variance, "sampler_options": list(sampler_options), "num_timesteps": num_timesteps,
-             "model": model, "latent": latent, "guidance": guidance, "scale": scale, "classifier": classifier,
-             "guidance_options": click.get_current_context().meta.get("guidance_options", {}), "layout": layout},
-            [m for m in (model, latent, classifier) if m is not None])
+        key = _request_key(schedule=schedule, sampler=sampler, steps=steps, eta=eta, spacing=spacing,
+                           variance=variance, sampler_options=list(sampler_options), num_timesteps=num_timesteps,
+                           model=model, latent=latent, guidance=guidance, scale=scale, classifier=classifier,
+                           layout=layout)
         entry = graph_index.lookup(key)
         if entry is not None:
             _compose_recorded(entry, class_, n, seed, batch_size, out, scale, threads, guidance, quiet)
@@ -152,6 +149,15 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
         from toolkit import graph_index
 
         graph_index.record(key, engine.graph, engine.reason, describe, reads, started_ns)
+
+
+def _request_key(**options) -> str:
+    """The ``graph_index`` key of a compose request: the options that compose its pipeline."""
+    from toolkit import graph_index
+
+    options["guidance_options"] = click.get_current_context().meta.get("guidance_options", {})
+    names = [options[k] for k in ("model", "latent", "classifier") if options[k] is not None]
+    return graph_index.request_key(options, names)
 
 
 def _describe(d: dict) -> str:
