@@ -7,8 +7,7 @@ depended on, and the same request later samples that graph without importing tor
 only while nothing it depended on has changed; anything else (a miss) takes the full path, which checks
 everything again and records afresh:
 
-- the request: every option that composes the pipeline, the working directory, whether each name given
-  is a path there, the Python installation (``sys.prefix``, PYTHONPATH), the plugin switches
+- the request: every option that composes the pipeline, the working directory, the Python installation (``sys.prefix``, PYTHONPATH), the plugin switches
   (TOOLKIT_DISABLE_PLUGINS, TOOLKIT_STRICT_PLUGINS), the toolkit version and the installed plugins (entry
   points, with their distributions' versions);
 - the code: the stamp (size, modification and change time, inode) of the file of every module the
@@ -28,7 +27,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from attrs import define
 
@@ -89,7 +88,7 @@ def _stamp(path: str | os.PathLike) -> list[int] | None:
 
 
 def folder_stamps(folder: Path) -> dict[str, list[int] | None]:
-    """Size and modification time of every file under a checkpoint folder, by relative path."""
+    """The stamp of every file under a checkpoint folder, by relative path."""
     out: dict[str, list[int] | None] = {}
     for root, dirs, files in os.walk(folder):
         dirs.sort()
@@ -109,15 +108,14 @@ def _plugins() -> list[list[str]]:
                   for ep in eps)
 
 
-def request_key(request: dict[str, Any], names: Iterable[str]) -> str:
+def request_key(request: dict[str, Any]) -> str:
     """The index key of a compose request: its options and everything around them that could resolve the same
-    options to another pipeline. ``names``: the model, classifier and autoencoder names or paths given."""
+    options to another pipeline (what each name given resolves to is checked by ``lookup``)."""
     from toolkit._version import __version__
 
     env = {k: os.environ.get(k, "") for k in ("TOOLKIT_DISABLE_PLUGINS", "TOOLKIT_STRICT_PLUGINS", "PYTHONPATH")}
-    key = {"version": INDEX_VERSION, "request": request, "cwd": os.getcwd(),
-           "as_paths": [[n, os.path.exists(n)] for n in names], "prefix": sys.prefix, "python": sys.version,
-           "toolkit": __version__, "env": env, "plugins": _plugins()}
+    key = {"version": INDEX_VERSION, "request": request, "cwd": os.getcwd(), "prefix": sys.prefix,
+           "python": sys.version, "toolkit": __version__, "env": env, "plugins": _plugins()}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -144,9 +142,12 @@ def record(key: str, graph: Path, reason: str, describe: dict[str, Any],
     for f in sorted({f for m in list(sys.modules.values())
                      if isinstance(f := getattr(m, "__file__", None), str) and os.path.isabs(f)}):
         modules.setdefault(os.path.dirname(f), {})[os.path.basename(f)] = _stamp(f)
-    folders = {str(Path(p).resolve()): folder_stamps(Path(p).resolve()) for _, p, _ in checkpoints}
-    if any(folders[str(Path(p).resolve())] != read for _, p, read in checkpoints):
-        return None
+    folders: dict[str, dict[str, list[int] | None]] = {}
+    for _, p, read in checkpoints:
+        folder = str(Path(p).resolve())
+        folders[folder] = folder_stamps(Path(folder))
+        if folders[folder] != read:
+            return None
     stamps = [st for files in (*modules.values(), *folders.values()) for st in files.values()]
     if any(st is None or max(st[1], st[2]) >= started_ns - 2 * 10**9 for st in stamps):
         return None

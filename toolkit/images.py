@@ -21,11 +21,12 @@ Samples = Union["Tensor", np.ndarray]  # torch tensors or numpy arrays: the onnx
 SUFFIXES = (".png", ".npy")
 
 
-def as_numpy(samples: Any) -> np.ndarray:
-    """A float32 numpy array of samples given as a torch tensor (any device or dtype) or an array."""
+def as_numpy(samples: Any, dtype: type = np.float32) -> np.ndarray:
+    """A numpy array (float32, or float64) of samples given as a torch tensor (any device or dtype) or an array."""
     if hasattr(samples, "detach"):  # a torch tensor; checked by duck type so this module never imports torch
-        samples = samples.detach().cpu().float().numpy()
-    return np.asarray(samples, dtype=np.float32)
+        t = samples.detach().cpu()
+        samples = (t.double() if dtype is np.float64 else t.float()).numpy()
+    return np.asarray(samples, dtype=dtype)
 
 
 def check_output(path: str | os.PathLike, suffixes: tuple[str, ...] = SUFFIXES) -> Path:
@@ -72,7 +73,7 @@ def scatter(points: Samples, size: int = SCATTER_SIZE) -> np.ndarray:
     [-1, 1]² outlined; the plot spans ±max(1.1, 1.05·max |coordinate|), so data with no fixed range stays in view."""
     from PIL import Image, ImageDraw
 
-    p = as_numpy(points).astype(np.float64).reshape(-1, 2)
+    p = as_numpy(points, np.float64).reshape(-1, 2)
     img = Image.new("RGB", (size, size), "white")
     draw = ImageDraw.Draw(img)
     finite = p[np.isfinite(p).all(1)]

@@ -156,8 +156,7 @@ def _request_key(**options) -> str:
     from toolkit import graph_index
 
     options["guidance_options"] = click.get_current_context().meta.get("guidance_options", {})
-    names = [options[k] for k in ("model", "latent", "classifier") if options[k] is not None]
-    return graph_index.request_key(options, names)
+    return graph_index.request_key(options)
 
 
 def _describe(d: dict) -> str:
