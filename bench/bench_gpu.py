@@ -1,12 +1,12 @@
 """Every sampling engine on one device, shipped digits UNet, DDIM: samples per second at batch 1, 16 and 256.
 
-Contenders: ours in torch eager, ours with the network under torch.compile, ours through the exported graph in
-onnxruntime (Loop and unrolled layouts; CUDA provider with IO binding on a GPU), and a diffusers
-DDIMScheduler loop around the same network. Each row records the largest difference to the torch eager
-samples of the same seed. Contenders that need what the device lacks are written as skipped, with the reason
-(CUDA graphs of the sampling loop and an fp16 graph are not built yet: they need a GPU session to build and
-verify). One prepared script for a lent GPU; with ``--device cpu`` it runs to completion on any machine (the
-tests run it with ``--quick``).
+Contenders: ours in torch eager, with the whole sampling loop as one CUDA graph (``--cuda-graphs``), with the
+network under torch.compile (and both); ours through the exported graph in onnxruntime (Loop and unrolled
+layouts, an fp16 network; on a GPU the CUDA provider with IO binding, and the unrolled graph under
+onnxruntime's own CUDA graph); and a diffusers DDIMScheduler loop around the same network. Each row records
+the largest difference to the torch eager samples of the same seed (for fp16: its error). Contenders that
+need what the device lacks are written as skipped, with the reason. One prepared script for a lent GPU; with
+``--device cpu`` it runs to completion on any machine (the tests run it with ``--quick``).
 
     python bench/bench_gpu.py --device cuda                  # writes bench/results/gpu.json
     python bench/bench_gpu.py --device cpu --quick --out /tmp/gpu.json
@@ -25,8 +25,11 @@ from typing import Callable
 
 import torch
 
+from attrs import evolve
+
 import toolkit
 from toolkit.backends import select
+from toolkit.pipeline import load_predictor
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -70,39 +73,117 @@ def diffusers_contender(net, batch: int, shape, steps: int, device: torch.device
     return run
 
 
+class CompiledNetwork(torch.nn.Module):
+    """The shipped network under torch.compile, with the attributes a Pipeline reads."""
+
+    def __init__(self, net, backend: str) -> None:
+        super().__init__()
+        self.net = net
+        self.compiled = torch.compile(net, backend=backend, dynamic=False)
+        for name in ("sample_shape", "num_classes", "prediction", "learned_variance"):
+            setattr(self, name, getattr(net, name))
+
+    def forward(self, x, t, y=None):
+        return self.compiled(x, t, y)
+
+
+def ort_session_contender(path: Path, device: torch.device):
+    """Our graph in onnxruntime (CUDA provider with IO binding on a GPU: SamplerSession binds inputs and output
+    on the device), sampling from seed 0 as the torch engines do."""
+    from toolkit.exporters.runtime import SamplerSession
+
+    session = SamplerSession(path, provider="cuda" if device.type == "cuda" else "cpu")
+    return lambda b: (lambda: torch.from_numpy(session.sample(b, 0)))
+
+
+def ort_cuda_graph_contender(path: Path, pipe, device: torch.device):
+    """The unrolled graph with x_T as an input (every node on the CUDA provider) under onnxruntime's
+    ``enable_cuda_graph``: inputs and output bound once at fixed device addresses, the first run captures,
+    each later run replays."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from toolkit.rng import normal_numpy
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=[("CUDAExecutionProvider",
+                                                                      {"enable_cuda_graph": "1"})])
+    names = [i.name for i in session.get_inputs()]
+    K = pipe.num_classes
+
+    def make(b: int):
+        x_T = normal_numpy(0, np.arange(b), 0, tuple(pipe.sample_shape)).astype(np.float32)  # draw 0: x_T of seed 0
+        feeds = {"x_T": x_T}
+        if "labels" in names:
+            feeds["labels"] = np.full((b,), K, dtype=np.int64)
+        values = {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0) for k, v in feeds.items()}
+        out = ort.OrtValue.ortvalue_from_shape_and_type((b, *pipe.output_shape), np.float32, "cuda", 0)
+        binding = session.io_binding()
+        for k, v in values.items():
+            binding.bind_ortvalue_input(k, v)
+        binding.bind_ortvalue_output("x0", out)
+
+        def run() -> torch.Tensor:
+            session.run_with_iobinding(binding)
+            return torch.from_numpy(out.numpy())
+
+        return run
+
+    return make
+
+
 def contenders(pipe, device: torch.device, quick: bool, tmp: Path) -> dict[str, Callable | str]:
     """name → a function (batch → run()) or the reason it is skipped here."""
+    from toolkit.exporters.onnx import export_sampler
+
     out: dict[str, Callable | str] = {}
+    cuda = device.type == "cuda"
     eager = select(pipe, "torch")
     out["ours_torch_eager"] = lambda b: (lambda: eager.sample(b, 0))
+    if cuda:
+        graphed = select(evolve(pipe, cuda_graphs=True), "torch")
+        out["ours_torch_cuda_graphs"] = lambda b: (lambda: graphed.sample(b, 0))
+    else:
+        out["ours_torch_cuda_graphs"] = "needs CUDA"
     net = pipe.predictor
     # the quick check traces the network with dynamo only (backend "eager"): inductor's C++ build takes minutes
-    compiled_net = torch.compile(net, backend="eager" if quick else "inductor", dynamic=False)
-
-    class Compiled(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = net
-            for name in ("sample_shape", "num_classes", "prediction", "learned_variance"):
-                setattr(self, name, getattr(net, name))
-
-        def forward(self, x, t, y=None):
-            return compiled_net(x, t, y)
-
-    compiled = select(toolkit.compose(model=Compiled(), schedule=pipe.schedule, steps=pipe.steps, device=device),
-                      "torch")
+    compiled_pipe = evolve(pipe, predictor=CompiledNetwork(net, "eager" if quick else "inductor"))
+    compiled = select(compiled_pipe, "torch")
     out["ours_torch_compiled"] = lambda b: (lambda: compiled.sample(b, 0))
-    out["ours_torch_cuda_graphs"] = ("not built yet: capturing the sampling loop needs a GPU session to build and "
-                                     "verify" if device.type == "cuda" else "needs CUDA")
+    if cuda:
+        compiled_graphed = select(evolve(compiled_pipe, cuda_graphs=True), "torch")
+        out["ours_torch_compiled_cuda_graphs"] = lambda b: (lambda: compiled_graphed.sample(b, 0))
+    else:
+        out["ours_torch_compiled_cuda_graphs"] = "needs CUDA"
     try:
         import onnxruntime  # noqa: F401
-
-        for layout in ("loop", "unrolled"):
-            engine = select(pipe, "onnxruntime", layout=layout)
-            out[f"ours_onnxruntime_{layout}"] = (lambda e: lambda b: (lambda: e.sample(b, 0)))(engine)
     except ImportError:
-        out["ours_onnxruntime_loop"] = out["ours_onnxruntime_unrolled"] = "onnxruntime is not installed"
-    out["ours_onnxruntime_fp16"] = "not built yet: an fp16 graph needs a GPU session to measure its error"
+        for name in ("loop", "unrolled", "fp16", "unrolled_cuda_graph"):
+            out[f"ours_onnxruntime_{name}"] = "onnxruntime is not installed"
+    else:
+        provider_ok = not cuda or "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+        cpu_pipe = evolve(pipe, device=torch.device("cpu"), predictor=load_predictor("digits")[0]) if cuda else pipe
+        for name, kw in (("loop", {"layout": "loop"}), ("unrolled", {"layout": "unrolled"}),
+                         ("fp16", {"layout": "unrolled", "precision": "fp16"})):
+            if not provider_ok:
+                out[f"ours_onnxruntime_{name}"] = "onnxruntime has no CUDA provider here (pip install onnxruntime-gpu)"
+                continue
+            try:
+                path = export_sampler(cpu_pipe, tmp / f"{name}.onnx", **kw)
+                out[f"ours_onnxruntime_{name}"] = ort_session_contender(path, device)
+            except Exception as exc:  # noqa: BLE001 - a provider that fails to start: say why, measure the rest
+                if not cuda:
+                    raise
+                out[f"ours_onnxruntime_{name}"] = f"onnxruntime refused: {' '.join(str(exc).split())[:300]}"
+        if cuda and provider_ok:
+            path = export_sampler(cpu_pipe, tmp / "cuda_graph.onnx", layout="unrolled", noise="inputs")
+            try:
+                out["ours_onnxruntime_unrolled_cuda_graph"] = ort_cuda_graph_contender(path, pipe, device)
+            except Exception as exc:  # noqa: BLE001 - record why onnxruntime refused, and go on
+                out["ours_onnxruntime_unrolled_cuda_graph"] = f"onnxruntime refused: {' '.join(str(exc).split())[:300]}"
+        else:
+            out["ours_onnxruntime_unrolled_cuda_graph"] = "needs CUDA and onnxruntime's CUDA provider"
     try:
         import diffusers  # noqa: F401
 
@@ -124,32 +205,46 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here (use --device cpu to check the script)")
     steps, rounds, batches = (5, 1, (1, 2)) if args.quick else (args.steps, args.rounds, (1, 16, 256))
+    rows: list[dict] = []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(done: bool) -> None:  # after every row: a run stopped early still leaves what it measured
+        result = {"config": {"device": str(device), "steps": steps, "rounds": rounds, "batches": list(batches),
+                             "quick": args.quick, "model": "digits", "sampler": "ddim", "complete": done},
+                  "machine": {"torch": torch.__version__, "platform": platform.platform(),
+                              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                              "threads": torch.get_num_threads()},
+                  "rows": rows}
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["TOOLKIT_CACHE_DIR"] = str(Path(tmp) / "cache")
         pipe = toolkit.compose(steps=steps, device=device)
         table = contenders(pipe, device, args.quick, Path(tmp))
-        rows = []
         for batch in batches:
             reference = None
             for name, make in table.items():
                 if isinstance(make, str):
                     rows.append({"contender": name, "batch": batch, "skipped": make})
                     continue
-                seconds, x = timed(make(batch), device, rounds)
+                try:
+                    seconds, x = timed(make(batch), device, rounds)
+                except Exception as exc:  # noqa: BLE001 - one contender failing on a GPU must not lose the others
+                    if device.type != "cuda":
+                        raise
+                    why = " ".join(str(exc).split())[:300]
+                    rows.append({"contender": name, "batch": batch, "failed": f"{type(exc).__name__}: {why}"})
+                    print(f"batch {batch:>4} {name:<26} failed: {why}", flush=True)
+                    write(False)
+                    continue
                 reference = x if reference is None else reference
                 diff = float((x - reference).abs().max())
                 rows.append({"contender": name, "batch": batch, "seconds": seconds, "samples_per_s": batch / seconds,
                              "max_abs_diff_to_eager": diff})
                 print(f"batch {batch:>4} {name:<26} {batch / seconds:>10.1f} samples/s  (max diff {diff:.1e})",
                       flush=True)
-    result = {"config": {"device": str(device), "steps": steps, "rounds": rounds, "batches": list(batches),
-                         "quick": args.quick, "model": "digits", "sampler": "ddim"},
-              "machine": {"torch": torch.__version__, "platform": platform.platform(),
-                          "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                          "threads": torch.get_num_threads()},
-              "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+                write(False)
+    write(True)
     print(f"wrote {args.out}")
 
 

@@ -39,6 +39,7 @@ OPSET = 18
 LAYOUTS = ("loop", "unrolled")
 DEFAULT_LAYOUT = "loop"
 NOISE_MODES = ("seed", "inputs")  # noise made in the graph from a seed, or fed by the app
+PRECISIONS = ("fp32", "fp16")  # the network's weights and arithmetic; the sampler's loop is float32 in both
 DEFAULT_NOISE = "seed"
 METADATA_VERSION = 2  # every metadata value is JSON
 MAX_BATCH = 1 << 20
@@ -93,6 +94,25 @@ class StepGraph(nn.Module):
         sampler = self.sampler.bind(image, mask) if self.inpaint else self.sampler
         x, new_state = sampler.step(model_fn, x, tuple(state or ()), i, self.step_plan, noise)
         return (x, *new_state)
+
+
+class HalfNetwork(nn.Module):
+    """The network in float16 inside the float32 loop (``precision="fp16"``): x goes in as float16, the
+    output comes back as float32, so the step's coefficients and the noise stay float32. For onnxruntime's
+    CUDA provider (half the weight bytes, tensor cores); its error against float32 is measured by
+    ``bench/bench_gpu.py``."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        import copy
+
+        self.net = copy.deepcopy(net).half()
+        for name in ("sample_shape", "num_classes", "prediction", "learned_variance"):
+            if hasattr(net, name):
+                setattr(self, name, getattr(net, name))
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        return self.net(x.half(), t, y).float()
 
 
 class InitGraph(nn.Module):
@@ -514,7 +534,7 @@ def _save(model, path: str | os.PathLike, meta: dict[str, str]) -> Path:
 
 def export_sampler(pipeline: Pipeline, path: str | os.PathLike, *, layout: str = DEFAULT_LAYOUT,
                    steps: int | None = None, noise: str = DEFAULT_NOISE, task: str = "sample",
-                   resample: int | None = None, jump: int | None = None) -> Path:
+                   resample: int | None = None, jump: int | None = None, precision: str = "fp32") -> Path:
     """Write the whole sampling run of ``pipeline`` (sampler, steps, guidance) as one ONNX graph, and its
     metadata as JSON beside it (PATH.json).
 
@@ -529,7 +549,11 @@ def export_sampler(pipeline: Pipeline, path: str | os.PathLike, *, layout: str =
 
     ``task="inpaint"``: the run of ``Pipeline.inpaint`` (RePaint with ``resample`` × ``jump``), with two more
     inputs, image [B, *shape] in [-1, 1] (the known data) and mask [B, *shape] of 0/1 (1 = fill in).
+    ``precision="fp16"``: the network's weights and arithmetic in float16 (``HalfNetwork``), for
+    onnxruntime's CUDA provider; inputs, outputs and the loop stay float32.
     """
+    if precision not in PRECISIONS:
+        raise ToolkitError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if layout not in LAYOUTS:
         raise ToolkitError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
     if noise not in NOISE_MODES:
@@ -542,6 +566,12 @@ def export_sampler(pipeline: Pipeline, path: str | os.PathLike, *, layout: str =
         sampler_plan(pipeline.sampler, pipeline.schedule, steps)
         pipeline = evolve(pipeline, steps=int(steps))
     wrapper = _task_sampler(pipeline, task, resample, jump)
+    if precision == "fp16":
+        from attrs import evolve
+
+        if not isinstance(pipeline.predictor, nn.Module):
+            raise ToolkitError("only a torch.nn.Module predictor can be exported")
+        pipeline = evolve(pipeline, predictor=HalfNetwork(pipeline.predictor).eval())
     step = StepGraph(pipeline, wrapper).eval()
     shape = tuple(pipeline.sample_shape)
     B, b = torch.export.Dim("batch", min=1, max=MAX_BATCH), 3
@@ -583,6 +613,7 @@ def export_sampler(pipeline: Pipeline, path: str | os.PathLike, *, layout: str =
                            pipeline.output_shape, pipeline.num_classes, pipeline.value_range)
     meta = sampler_metadata(pipeline, layout, inputs, step.plan)
     meta["task"] = json.dumps(task)
+    meta["precision"] = json.dumps(precision)
     if wrapper is not None:
         meta["inpaint"] = json.dumps({"resample": wrapper.resample, "jump": wrapper.jump, "mask": "1 = fill in"})
     return _save(model, path, meta)

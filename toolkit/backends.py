@@ -60,7 +60,8 @@ class Engine:
         else:
             threads = self.session.threads
         device = self.pipeline.device.type if self.name == "torch" else self.session.provider
-        return f"{self.name} {device}, {threads} thread{'' if threads == 1 else 's'}"
+        graphs = ", CUDA graphs" if self.name == "torch" and self.pipeline.cuda_graphs else ""
+        return f"{self.name} {device}{graphs}, {threads} thread{'' if threads == 1 else 's'}"
 
     def batches(self, n: int, seed: int = 0, labels: int | Sequence[int] | Tensor | None = None, *,
                 scale: float | Sequence[float] | Tensor | None = None, offset: int = 0, batch_size: int | None = None,

@@ -51,6 +51,8 @@ class Pipeline:
     device: torch.device = field(factory=lambda: torch.device("cpu"), converter=torch.device)
     batch_size: int = 500
     config: dict[str, Any] = field(factory=dict)
+    cuda_graphs: bool = False  # the torch loop captured as one CUDA graph per batch size (toolkit.cuda_graphs)
+    _graphed: dict[int, Any] = field(factory=dict, init=False, eq=False, repr=False)  # batch size → GraphedLoop
 
     @property
     def plan(self) -> "Plan":
@@ -302,11 +304,16 @@ class Pipeline:
             yb = y[torch.arange(start, stop) % y.numel()].to(self.device) if y is not None else None
             sb = (scales[start:stop] if scales.numel() > 1 else scales.expand(stop - start)).to(self.device) \
                 if scales is not None else None
-            sampler = self.sampler_for(yb, sb)
-            if plan is not None:
+            if plan is not None and self.cuda_graphs:
+                x0 = self._graphed_run(plan, streams, x_T, yb, sb)
+                if progress is not None:
+                    progress(len(plan))
+            elif plan is not None:
+                sampler = self.sampler_for(yb, sb)
                 x0 = run_plan(sampler, self.model_fn(yb, sb), plan, x_T,
                               noise_fn=stream_noise_fn(streams.draw, plan.draws_per_step), progress=progress)
             else:  # plugin API 1: the sampler's own loop
+                sampler = self.sampler_for(yb, sb)
                 x0 = sampler.sample(self.model_fn(yb, sb), self.schedule, x_T, steps=self.steps,
                                     noise_fn=lambda i, s=streams: s.draw(), progress=progress)
                 if not isinstance(x0, Tensor) or x0.shape != x_T.shape:
@@ -317,6 +324,20 @@ class Pipeline:
             if not torch.isfinite(x0).all():
                 raise ToolkitError("sampling produced NaN or infinite values")
             yield (x0.clamp(*self.value_range) if self.value_range is not None else x0).cpu()
+
+    def _graphed_run(self, plan: Plan, streams: NoiseStreams, x_T: Tensor, yb: Tensor | None,
+                     sb: Tensor | None) -> Tensor:
+        """One batch through the captured loop of its size (captured on first use); the step noise is drawn
+        up front from the same streams, in the eager loop's order."""
+        from toolkit.cuda_graphs import capture
+
+        B = x_T.shape[0]
+        graphed = self._graphed.get(B)
+        if graphed is None:
+            graphed = self._graphed[B] = capture(self, plan, B)
+        D = plan.draws_per_step
+        noise = torch.stack([torch.stack([streams.draw() for _ in range(D)]) for _ in range(len(plan))]) if D else None
+        return graphed(x_T, noise, yb, sb)
 
 
 def _resolve(kind: str, obj: Any, **options: Any) -> Any:
@@ -420,6 +441,7 @@ def compose(
     schedule_options: dict[str, Any] | None = None,
     guidance_options: dict[str, Any] | None = None,
     latent: str | os.PathLike | Any | None = None,
+    cuda_graphs: bool = False,
     **options: Any,
 ) -> Pipeline:
     """Build a Pipeline from plugin names (or objects); ``options`` go to the sampler (eta, spacing, ...).
@@ -428,9 +450,14 @@ def compose(
     object following the NoisePredictor protocol (e.g. your own nn.Module). ``schedule`` defaults
     to the model's training schedule. A latent model samples latents and decodes them with the
     autoencoder it was trained with; ``latent`` (an autoencoder checkpoint or a ``Latent``) pairs it
-    explicitly, and must be that same autoencoder (checked by fingerprint).
+    explicitly, and must be that same autoencoder (checked by fingerprint). ``cuda_graphs`` (CUDA only)
+    captures the whole sampling loop once per batch size and replays it (``toolkit.cuda_graphs``).
     """
     device = parse_device(device)
+    if not isinstance(cuda_graphs, bool):
+        raise ToolkitError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+    if cuda_graphs and device.type != "cuda":
+        raise ToolkitError(f"CUDA graphs need a CUDA device: sample on cuda, not {device}")
     if num_timesteps is not None and (isinstance(num_timesteps, bool) or num_timesteps < 1):
         raise ToolkitError(f"num_timesteps must be a positive integer, got {num_timesteps!r}")
     sampler_obj = _resolve("sampler", sampler, **options)
@@ -465,13 +492,16 @@ def compose(
         schedule = create("schedule", schedule, **{**recorded, "num_timesteps": T, **(schedule_options or {})})
     if guidance_obj is not None:
         _check_guidance(guidance_obj, predictor, latent_obj, train_schedule or schedule)
-    from toolkit.sampling import listed_times, sampler_plan
+    from toolkit.sampling import is_v2, listed_times, sampler_plan
 
     if steps is None:  # a listed spacing (a tuned grid) sets its own number of steps
         listed = listed_times(optional.option(sampler_obj, "spacing"))
         steps = len(listed) if listed is not None else optional.default_steps(sampler_obj) or schedule.num_timesteps
 
     sampler_plan(sampler_obj, schedule, steps)  # validates steps against T now, not mid-run
+    if cuda_graphs and not is_v2(sampler_obj):
+        raise ToolkitError(f"sampler {optional.name(sampler_obj)!r} runs its own loop (plugin API 1): it cannot be "
+                           "captured as a CUDA graph")
     return Pipeline(schedule=schedule, predictor=predictor, sampler=sampler_obj, steps=int(steps),
                     guidance=guidance_obj, latent=latent_obj, train_schedule=train_schedule, device=device,
-                    batch_size=batch_size, config=config)
+                    batch_size=batch_size, config=config, cuda_graphs=cuda_graphs)

@@ -28,12 +28,14 @@ def export_group() -> None:
                    "`compose --seed` everywhere); inputs: the app feeds x_T (and noise).")
 @click.option("--task", type=click.Choice(["sample", "inpaint"]), default="sample", show_default=True,
               help="sample: noise → samples; inpaint: RePaint inpainting, with inputs image and mask (1 = fill in).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="The network's weights and arithmetic; fp16 is for onnxruntime's CUDA provider (the loop stays fp32).")
 @click.option("--resample", default=None, type=int, help="--task inpaint: runs of each block of steps (RePaint's r).")
 @click.option("--jump", default=None, type=int, help="--task inpaint: iterations per resampled block (RePaint's j).")
 @click.option("--out", required=True, type=click.Path(), help="The .onnx file to write (and its metadata as "
               "FILE.json).")
 def export_onnx_cmd(model, component, schedule, sampler, steps, eta, spacing, variance, sampler_options,
-                    num_timesteps, guidance, scale, classifier, layout, noise_mode, task, resample, jump, out) -> None:
+                    num_timesteps, guidance, scale, classifier, layout, noise_mode, task, precision, resample, jump, out) -> None:
     """Write an ONNX graph that onnxruntime runs without torch.
 
     With --guidance cfg the scale is a graph input (one per sample); --scale is the default recorded
@@ -53,7 +55,7 @@ def export_onnx_cmd(model, component, schedule, sampler, steps, eta, spacing, va
                                                              scale, classifier)
     t0 = time.perf_counter()
     if component == "predictor":
-        if guidance is not None or options or steps is not None or task != "sample":
+        if guidance is not None or options or steps is not None or task != "sample" or precision != "fp32":
             raise ToolkitError("--component predictor exports the network alone: drop the sampler and guidance options")
         from toolkit.pipeline import load_predictor
 
@@ -63,7 +65,7 @@ def export_onnx_cmd(model, component, schedule, sampler, steps, eta, spacing, va
         pipe = toolkit.compose(schedule=schedule, sampler=sampler, model=model, guidance=guidance, steps=steps,
                                num_timesteps=num_timesteps, guidance_options=guidance_options, **options)
         path = exporter.export_sampler(pipe, out, layout=layout, noise=noise_mode, task=task, resample=resample,
-                                       jump=jump)
+                                       jump=jump, precision=precision)
     size = Path(path).stat().st_size
     click.echo(f"wrote {path} ({size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s)")
 

@@ -24,6 +24,9 @@ from toolkit.inpainting import DEFAULT_JUMP, DEFAULT_RESAMPLE
 @click.option("--out", default="samples.png", show_default=True, type=click.Path(), help=".png grid or .npy array.")
 @click.option("--device", default="cpu", show_default=True)
 @backend_options()
+@click.option("--cuda-graphs", is_flag=True,
+              help="Torch backend on --device cuda: capture the whole sampling loop as one CUDA graph per batch size "
+                   "and replay it (no per-step kernel launches from Python; the same samples).")
 @click.option("--onnx", "onnx_file", default=None, type=click.Path(),
               help="Sample a graph from `toolkit export onnx` with onnxruntime (sampler, steps, guidance from it).")
 @click.option("--layout", type=click.Choice(["loop", "unrolled"]), default="loop", show_default=True,
@@ -43,8 +46,8 @@ from toolkit.inpainting import DEFAULT_JUMP, DEFAULT_RESAMPLE
               help=f"With --mask: iterations per resampled block (RePaint's jump length j) [default: {DEFAULT_JUMP}].")
 @click.option("--quiet", "-q", is_flag=True)
 def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_options, num_timesteps, model, latent,
-                guidance, scale, classifier, class_, n, seed, batch_size, out, device, backend, threads, onnx_file,
-                layout, noise_file, init_file, strength, mask, resample, jump, quiet) -> None:
+                guidance, scale, classifier, class_, n, seed, batch_size, out, device, backend, threads, cuda_graphs,
+                onnx_file, layout, noise_file, init_file, strength, mask, resample, jump, quiet) -> None:
     """Compose a pipeline from named plugins and sample from it."""
     started_ns = time.time_ns()
     from toolkit.backends import check_threads
@@ -57,6 +60,8 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
     if sharded and backend == "onnxruntime":
         raise ToolkitError("sharded sampling (--out FOLDER/ or torchrun) uses --backend torch")
     threads = check_threads(threads)
+    if cuda_graphs:
+        _check_cuda_graphs(device, backend, onnx_file, noise_file, init_file, strength, mask)
     if not sharded:
         check_output(out)
         hold_output_lock(out)
@@ -104,7 +109,8 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
 
     with recording_reads() as reads:
         pipe = compose_pipeline(schedule, sampler, steps, eta, spacing, variance, sampler_options, num_timesteps,
-                                model, guidance, scale, classifier, device=device, batch_size=batch_size, latent=latent)
+                                model, guidance, scale, classifier, device=device, batch_size=batch_size, latent=latent,
+                                cuda_graphs=cuda_graphs)
     if mask is not None:
         _compose_inpaint(pipe, init_file, mask, strength, noise_file, resample, jump, class_, n, seed, out, backend,
                          sharded, scale, quiet)
@@ -149,6 +155,18 @@ def compose_cmd(schedule, sampler, steps, eta, spacing, variance, sampler_option
         from toolkit import graph_index
 
         graph_index.record(key, engine.graph, engine.reason, describe, reads, started_ns)
+
+
+def _check_cuda_graphs(device, backend, onnx_file, noise_file, init_file, strength, mask) -> None:
+    """--cuda-graphs: a torch-backend option for sampling from noise on a CUDA device."""
+    if backend == "onnxruntime" or onnx_file is not None:
+        raise ToolkitError("--cuda-graphs is an option of the torch backend: drop --backend onnxruntime / --onnx")
+    if not str(device).startswith("cuda"):
+        raise ToolkitError(f"--cuda-graphs needs --device cuda, not {device!r}")
+    given = [name for name, v in (("--noise", noise_file), ("--init", init_file), ("--strength", strength),
+                                  ("--mask", mask)) if v is not None]
+    if given:
+        raise ToolkitError(f"--cuda-graphs captures sampling from seeds: drop {given[0]}")
 
 
 def _request_key(**options) -> str:
