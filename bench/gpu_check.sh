@@ -16,8 +16,10 @@ if [ -f .ortgpu/install.sh ]; then
     # shellcheck disable=SC1091
     . .ortgpu/install.sh
 fi
-"$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
+"$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . \
+    || "$PY" -m pip install -q --no-index --no-deps --no-build-isolation . || exit 1
 nvidia-smi -L
+if [ -f .ortgpu/smoke.py ]; then timeout 60 "$PY" .ortgpu/smoke.py 2>&1 | tail -5; fi
 "$PY" -c "import torch, onnxruntime as o; print('torch', torch.__version__, torch.cuda.get_device_name(0)); print('onnxruntime', o.__version__, o.get_available_providers())"
-"$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py 2>&1 | tee "$OUT/tests.log"
-"$PY" bench/bench_gpu.py --device cuda --out "$OUT/gpu.json" 2>&1 | tee "$OUT/bench.log"
+timeout 170 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py 2>&1 | tee "$OUT/tests.log"
+timeout "${BENCH_TIMEOUT:-300}" "$PY" bench/bench_gpu.py --device cuda --out "$OUT/gpu.json" 2>&1 | tee "$OUT/bench.log"
