@@ -66,3 +66,11 @@ def test_cli_refuses_cuda_graphs_in_one_line(tmp_path, args, message):
     out = tmp_path / "x.npy"
     one_line_error(run("compose", "--cuda-graphs", *args, "-n", 2, "--steps", 3, "--out", out), message)
     assert not out.exists()
+
+
+def test_a_step_noise_buffer_larger_than_half_the_free_memory_is_refused():
+    """ddpm at 1000 steps keeps 1000 × B draws on the device: refused in one sentence, not an allocator failure."""
+    shape = (4, 32, 32)
+    cuda_graphs.check_noise_memory(1000, 1, 16, shape, free_bytes=2**30)  # 250 MiB of 1 GiB: fine
+    with pytest.raises(ToolkitError, match=r"1000 iterations × 1 draws of a batch of 500 take 7\.6 GiB.*lower --batch-size"):
+        cuda_graphs.check_noise_memory(1000, 1, 500, shape, free_bytes=8 * 2**30)

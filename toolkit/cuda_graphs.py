@@ -71,6 +71,22 @@ def _eager_capture(loop: Callable[[], Tensor], device: torch.device) -> tuple[Ca
     return replay, out, None
 
 
+def check_noise_memory(iterations: int, draws: int, batch: int, shape: tuple[int, ...], free_bytes: int) -> None:
+    """The captured loop holds the run's whole step noise on the device: refuse (one line) when that buffer
+    would take more than half the free device memory, rather than fail inside the capture."""
+    import math
+
+    nbytes = 4 * iterations * draws * batch * math.prod(shape)
+    if nbytes > free_bytes // 2:
+        raise ToolkitError(f"--cuda-graphs keeps the step noise of the whole run on the GPU: {iterations} iterations × "
+                           f"{draws} draws of a batch of {batch} take {nbytes / 2**30:.1f} GiB, more than half the "
+                           f"free {free_bytes / 2**30:.1f} GiB; lower --batch-size or sample without --cuda-graphs")
+
+
+def _free_bytes(device: torch.device) -> int:
+    return int(torch.cuda.mem_get_info(device)[0]) if device.type == "cuda" else 1 << 62
+
+
 def _capturer(device: torch.device) -> Callable:
     if device.type != "cuda":
         raise ToolkitError(f"CUDA graphs need a CUDA device, not {device}")
@@ -86,6 +102,7 @@ def capture(pipe: Pipeline, plan: Plan, batch: int) -> GraphedLoop:
     shape = tuple(pipe.sample_shape)
     plan = plan.cast(torch.float32, device)  # every table on the device before capture: no copies inside it
     D = plan.draws_per_step
+    check_noise_memory(len(plan), D, batch, shape, _free_bytes(device))
     x_T = torch.zeros(batch, *shape, device=device)
     noise = torch.zeros(len(plan), D, batch, *shape, device=device) if D else None
     labels = (torch.full((batch,), int(pipe.num_classes), dtype=torch.long, device=device)
