@@ -145,8 +145,12 @@ def graph_batches(session, n: int, seed: int = 0, labels: Any = None, scale: Any
     return batches()
 
 
-def _session(path: Path, pipe: Pipeline, threads: int | None):
-    return open_session(path, "cuda" if pipe.device.type == "cuda" else "cpu", threads)
+def provider_for(device: Any) -> str:
+    """onnxruntime's provider for a torch device or its name ("cuda:1" → cuda); anything else is refused."""
+    kind = str(getattr(device, "type", device)).split(":")[0]
+    if kind not in ("cpu", "cuda"):
+        raise ToolkitError(f"--device must be cpu or cuda, got {device!r}")
+    return kind
 
 
 def _verified(path: Path, pipe: Pipeline, session: Any) -> float:
@@ -190,7 +194,7 @@ def select(pipe: Pipeline, backend: str = "auto", *, threads: int | None = None,
 
     if backend == "onnxruntime":
         path = Path(graph) if graph is not None else cached_sampler_graph(pipe, layout)
-        return Engine("onnxruntime", pipe, "asked for", _session(path, pipe, threads), path)
+        return Engine("onnxruntime", pipe, "asked for", open_session(path, provider_for(pipe.device), threads), path)
     if pipe.device.type != "cpu":
         return Engine("torch", pipe, f"on {pipe.device.type} the torch backend (the ONNX path is measured on CPU only)")
     try:
@@ -201,7 +205,7 @@ def select(pipe: Pipeline, backend: str = "auto", *, threads: int | None = None,
         path = cached_sampler_graph(pipe, layout)
     except ToolkitError as exc:
         return Engine("torch", pipe, f"the pipeline does not export ({str(exc).split(':')[0]})")
-    session = _session(path, pipe, threads)
+    session = open_session(path, provider_for(pipe.device), threads)
     diff = _verified(path, pipe, session)
     if not diff <= VERIFY_TOLERANCE:
         return Engine("torch", pipe, f"its exported graph differs from torch by {diff:.2g} > {VERIFY_TOLERANCE:g}")

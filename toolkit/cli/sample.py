@@ -283,22 +283,13 @@ def _compose_inpaint(pipe, init_file, mask, strength, noise_file, resample, jump
                f"{run.nfe} network calls, {pipe.sampler.name} {pipe.steps} steps, torch)")
 
 
-def _session(path, device: str, threads: int | None = None):
-    from toolkit.backends import open_session
-
-    provider = {"cpu": "cpu", "cuda": "cuda"}.get(str(device).split(":")[0])
-    if provider is None:
-        raise ToolkitError(f"--device must be cpu or cuda, got {device!r}")
-    return open_session(path, provider, threads)
-
-
 def _compose_onnx(path, class_, n, seed, batch_size, out, device, scale, threads, init_file=None, mask=None) -> None:
     """compose --onnx FILE: a graph from `toolkit export onnx`, sampled with onnxruntime (an inpainting graph
     with --init and --mask); torch is imported only to read an inpainting run's images."""
-    from toolkit.backends import graph_batches
+    from toolkit.backends import graph_batches, open_session, provider_for
     from toolkit.images import save_stream
 
-    session = _session(path, device, threads)
+    session = open_session(path, provider_for(device), threads)
     known = {}
     if session.inpaints:
         if init_file is None or mask is None:
