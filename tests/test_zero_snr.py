@@ -95,8 +95,9 @@ def test_a_zero_snr_run_starts_at_snr_zero_and_forms_x0_from_v(sampler, options)
                            clip_x0=False, **options)
     assert pipe.plan["alpha"][0].item() ** 2 == pytest.approx(schedule.alphas_cumprod[-1].item(), rel=1e-9)
     # one step from t = T-1 to the clean end: the sample is x̂_0 = α x_T − σ v ≈ −0.4 whatever x_T is
+    # (|α x_T| ≤ 8e-4 here; forming x̂_0 through ε in float32 at α = 2^-12 adds up to 2e-3 of rounding)
     out = pipe.sample(16, seed=3)
-    assert torch.allclose(out, torch.full_like(out, -0.4), atol=2e-3)
+    assert torch.allclose(out, torch.full_like(out, -0.4), atol=3e-3)
 
 
 @pytest.fixture(scope="module")
